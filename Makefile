@@ -1,0 +1,25 @@
+# `make demo` and `make test` set up .venv on first use (pip takes torch and
+# torchvision from the local wheel cache or PyPI), then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+
+.PHONY: demo test install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/reprogrammer demo --out $(OUT)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,55 @@
+"""Loading CLIP models: any open_clip architecture, plus the toolkit's small ones.
+
+`pretrained` may be an open_clip tag (downloaded where the hub is reachable), a local checkpoint
+file (open_clip's `.pt`/`.bin`/`.safetensors` formats), or None for random weights.
+"""
+import logging
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+
+log = logging.getLogger(__name__)
+
+# `RP-ViT-Tiny` (tests) and `RP-ViT-Small` (the built-in default) are ordinary open_clip configs.
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cache_dir: Optional[str] = None):
+    """Return `(model, tokenizer)` for an open_clip architecture, in eval mode on `device`."""
+    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"unknown CLIP architecture {name!r}; use one of open_clip.list_models() "
+            "(e.g. 'ViT-B-32', 'ViT-B-16', 'ViT-L-14', or the toolkit's 'RP-ViT-Tiny', 'RP-ViT-Small')"
+        )
+    if pretrained is None:
+        warnings.warn(
+            f"{name} has random weights (pretrained=None): features are meaningless until it is trained; "
+            "pass an open_clip pretrained tag or a checkpoint file", stacklevel=2)
+    elif not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} is neither an existing checkpoint file nor an open_clip tag for {name} "
+            f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})"
+        )
+    model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir)
+    model.eval()
+    return model, open_clip.get_tokenizer(name)
+
+
+def image_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std of the model's preprocessing config (CLIP's own when it has none)."""
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    return tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+
+
+def save_clip(model, path) -> None:
+    """Write the model's weights as an open_clip-loadable safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))

@@ -1,0 +1,30 @@
+"""The paper's loss (METHOD.md section 3): a two-direction contrastive focal loss."""
+import torch
+import torch.nn.functional as F
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.8, gamma: float = 4.0,
+               eps: float = 1e-7) -> torch.Tensor:
+    """`mean_b sum_c (onehot_c + eps) * (-alpha * (1 - p_c)^gamma * log p_c)`, `p = softmax(logits)`.
+
+    The `eps` term keeps every class in the sum, as the authors' implementation does.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    onehot = F.one_hot(target, logits.shape[-1]).to(log_p.dtype)
+    per_class = -alpha * (1 - log_p.exp()).pow(gamma) * log_p
+    return ((onehot + eps) * per_class).sum(-1).mean()
+
+
+def contrastive_focal_loss(image_features: torch.Tensor, class_text_features: torch.Tensor,
+                           class_of_image: torch.Tensor, logit_scale: torch.Tensor, **focal) -> torch.Tensor:
+    """Mean of the image->text and text->image focal losses over an `N x N` batch.
+
+    The text of image `i` is row `class_of_image[i]` of `class_text_features` (the features of the
+    batch's unique prompts), so the `N` texts are gathered instead of encoded `N` times; the
+    value and gradients equal encoding all `N` prompts. Two images of one class are negatives
+    of each other, as in the paper's loss.
+    """
+    texts = class_text_features[class_of_image]
+    image_logits = logit_scale * image_features @ texts.T
+    target = torch.arange(image_logits.shape[0], device=image_logits.device)
+    return 0.5 * (focal_loss(image_logits, target, **focal) + focal_loss(image_logits.T, target, **focal))

@@ -41,6 +41,15 @@ def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cach
     return model, open_clip.get_tokenizer(name)
 
 
+def load_pretrained(model_cfg, *, device="cpu"):
+    """`load_clip` for a run's `model` config section; `pretrained: shapeworld` is the built-in model."""
+    if model_cfg.pretrained == "shapeworld":
+        from .pretrain import load_shapeworld_clip
+
+        return load_shapeworld_clip(model_cfg.name, device=device)
+    return load_clip(model_cfg.name, model_cfg.pretrained, device=device)
+
+
 def image_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std of the model's preprocessing config (CLIP's own when it has none)."""
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}

@@ -1,0 +1,158 @@
+"""Typed run configuration: dataclasses read from YAML, with `--set key=value` overrides.
+
+Unknown keys and values of the wrong type are rejected with a message naming the key.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .methods.base import MethodConfig
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "RP-ViT-Small"
+    #: open_clip tag, checkpoint file, "shapeworld" (the built-in pretrained model) or None.
+    pretrained: Optional[str] = "shapeworld"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapeworld"
+    root: Optional[str] = None
+    #: resize + centre-crop on load (None: the dataset's own resolution).
+    image_resolution: Optional[int] = None
+    #: validation split carved from the training set: a fraction (< 1) or a count.
+    val_size: float = 0.1
+    classnames_file: Optional[str] = None
+    num_workers: int = 2
+    #: shapeworld sizes
+    n_train: int = 4000
+    n_test: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    grad_accum: int = 1
+    seed: int = 1
+    precision: str = "fp32"
+    compile: str = "none"
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: Optional[int] = None
+    save_every: Optional[int] = None
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        choices = {"train.precision": (self.train.precision, ("fp32", "amp_bf16", "amp_fp16")),
+                   "train.compile": (self.train.compile, ("none", "model", "step"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self.train, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        if self.train.batch_size % self.train.grad_accum:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by "
+                              f"train.grad_accum={self.train.grad_accum}")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(key: str, value: Any, annotation) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return value
+    if annotation in (int, float, str, bool) and not (isinstance(value, annotation) and
+                                                      not (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}; "
+                          f"{prefix or 'top level'} accepts {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(prefix + name, value, hint)
+    return cls(**values)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or a preset name such as `cifar10`), apply `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        file = Path(path)
+        if not file.exists() and (PRESETS / f"{path}.yaml").exists():
+            file = PRESETS / f"{path}.yaml"
+        if not file.exists():
+            presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+            raise ConfigError(f"config {path!r} is neither a file nor a preset ({presets})")
+        data = yaml.safe_load(file.read_text()) or {}
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return from_dict(Config, data).validate()
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

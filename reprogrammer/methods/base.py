@@ -1,0 +1,68 @@
+"""What every method of the comparison provides to the training engine and the evaluator.
+
+A method builds a `Classifier`: an `nn.Module` whose `forward(images)` maps float images in
+[0, 1] (`[B, 3, h, w]`) to logits `[B, C]`, plus what training needs. The engine never looks
+inside: it calls `loss`, steps the optimisers and schedulers the method made, and saves
+`learned_state()`.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters of a method; `None` takes the method's own default (the authors')."""
+    name: str = "reprogrammer"
+    template: str = "a photo of a {}"
+    # Reprogrammer
+    up_resolution: Optional[int] = None
+    mr_resolution: Optional[int] = None
+    dropout: float = 0.0
+    alpha: float = 0.4
+    train_residual: bool = False
+    image_lr: float = 5e-3
+    text_lr: float = 5e-4
+    # baselines
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    n_ctx: int = 16
+    wise_alphas: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    lp_epochs: Optional[int] = None
+    # shared
+    warmup_steps: Optional[int] = None
+
+
+class Classifier(nn.Module):
+    """Interface of a trainable classifier; see the module docstring."""
+
+    #: `max softmax(logits / score_temperature)` is the MCM/MSP OOD score of these logits.
+    score_temperature: float = 1.0
+    #: Default number of epochs of the authors' recipe for this method.
+    default_epochs: int = 25
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_optimizers(self, total_steps: int) -> tuple[list, list]:
+        """`(optimizers, schedulers)`; schedulers step once per optimiser step."""
+        raise NotImplementedError
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class TrainingObjective(nn.Module):
+    """`forward(images, labels) -> loss`, so that DDP sees the loss computation as the forward pass."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images, labels):
+        return self.classifier.loss(images, labels)

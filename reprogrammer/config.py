@@ -55,11 +55,25 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    #: covariate-shift and OOD sets as {registry name: root}; empty: the paper's sets for the ID
+    #: dataset (METHOD.md 7) found under `data.root`'s parent folder.
+    covariate: dict = field(default_factory=dict)
+    semantic: dict = field(default_factory=dict)
+    alphas: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    batch_size: int = 256
+    temperature: float = 0.01
+    bootstrap: int = 0
+    num_workers: int = 2
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         choices = {"train.precision": (self.train.precision, ("fp32", "amp_bf16", "amp_fp16")),
@@ -97,10 +111,11 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         raise errors[0]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if annotation is list or origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return value
+    for kind in (list, dict):
+        if annotation is kind or origin is kind:
+            if not isinstance(value, kind):
+                raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+            return value
     if annotation in (int, float, str, bool) and not (isinstance(value, annotation) and
                                                       not (annotation is int and isinstance(value, bool))):
         raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")

@@ -160,7 +160,8 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     step_fn = torch.compile(objective) if tcfg.compile == "step" else objective
 
     meta = {"config": to_dict(cfg), "classnames": list(data.classnames), "method": cfg.method.name,
-            "model": {"name": cfg.model.name, "pretrained": cfg.model.pretrained}}
+            "model": {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
+            "image_resolution": int(data.train[0][0].shape[-1])}
     state = {"step": 0, "best_val": -1.0, "best_step": None, "evaluations": [], "skipped_steps": 0}
     if resume:
         state = _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state)

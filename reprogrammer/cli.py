@@ -1,0 +1,139 @@
+"""`reprogrammer` command line: train, eval, export, predict, demo, bench."""
+import argparse
+import logging
+import sys
+import warnings
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .engine import TrainingInterrupted, train
+    from .suites import build_train_data
+
+    cfg = load_config(args.config, tuple(args.set))
+    try:
+        summary = train(cfg, args.out, build_train_data(cfg), resume=args.resume)
+    except TrainingInterrupted as stop:
+        print(f"reprogrammer: {stop}", file=sys.stderr)
+        return stop.exit_code
+    print(f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
+          f"best checkpoint {summary['best_checkpoint']}: {summary['selection']}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .workflows import run_eval
+
+    run_eval(args.checkpoint, args.out, which=args.which, config_path=args.config, overrides=args.set,
+             progress=not args.quiet)
+    return 0
+
+
+def _export(args) -> int:
+    import numpy as np
+
+    from export import export_onnx
+
+    from .runs import load_run
+    from .suites import build_train_data
+
+    classifier, cfg, meta = load_run(args.checkpoint, args.which)
+    val = build_train_data(cfg).val
+    count = min(len(val), args.calibration_samples)
+    calibration = np.stack([val[i][0].numpy() for i in range(count)]).astype(np.float32) / 255 if count else None
+    report = export_onnx(classifier, args.out, image_resolution=meta["image_resolution"], alpha=args.alpha,
+                         fp16=args.fp16, opset=args.opset, calibration_images=calibration,
+                         metadata={"model_name": meta["model"]["name"], "pretrained": str(meta["model"]["pretrained"]),
+                                   "method": meta["method"]})
+    print(f"wrote {report['path']} (max |logits difference| vs PyTorch: "
+          f"{report.get('max_abs_diff', report.get('max_abs_logits_diff'))})")
+    return 0
+
+
+def _predict(args) -> int:
+    from export import predict_main
+
+    return predict_main(["--onnx", args.onnx, *args.images, "--batch-size", str(args.batch_size)])
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def _bench(args) -> int:
+    if args.what == "kernels":
+        from bench.kernels import main
+    else:
+        from bench.train import main
+    return main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reprogrammer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a method from a config (YAML file or preset name)")
+    train.add_argument("--config", default="default", help="YAML file or preset: default, cifar10, imagenet")
+    train.add_argument("--out", required=True, help="run directory (checkpoints, logs, summary)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="ID accuracy, OOD generalisation and OOD detection of a trained run")
+    ev.add_argument("--checkpoint", required=True, help="run directory")
+    ev.add_argument("--which", default="best", help="best, latest or step-N")
+    ev.add_argument("--config", help="YAML with eval/data sections replacing the run's evaluation sets")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--out", required=True, help="folder for report.json, report.md and plots")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("export", help="export a trained Reprogrammer to ONNX (verified with onnxruntime)")
+    ex.add_argument("--checkpoint", required=True, help="run directory")
+    ex.add_argument("--which", default="best")
+    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument("--alpha", type=float, help="Residual Reprogrammer blend (default: the run's)")
+    ex.add_argument("--fp16", action="store_true", help="fp16 image tower")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--calibration-samples", type=int, default=2000,
+                    help="validation images used to set the OOD threshold at 95%% TPR")
+    ex.set_defaults(func=_export)
+
+    pr = sub.add_parser("predict", help="classify image files with an exported ONNX model (onnxruntime only)")
+    pr.add_argument("--onnx", required=True)
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("images", nargs="+", help="PNG/JPEG files or folders")
+    pr.set_defaults(func=_predict)
+
+    demo = sub.add_parser("demo", help="the built-in default: the paper's comparison on the shape world, offline")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks: kernels or train")
+    bench.add_argument("what", choices=["kernels", "train"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after it)")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore", category=UserWarning, module="open_clip")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        if args.verbose:
+            raise
+        print(f"reprogrammer {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

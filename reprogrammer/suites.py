@@ -1,0 +1,79 @@
+"""The datasets of a run: training and validation splits, and the evaluation suite
+(ID test set, covariate-shift sets, semantic-shift OOD sets) of METHOD.md section 7."""
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset, Subset
+
+from .config import Config
+from .data import PAPER_BENCHMARKS, ArrayImageDataset, build_dataset, split_indices
+from .engine import TrainData
+
+
+@dataclass
+class EvalSets:
+    classnames: list
+    test: Dataset
+    covariate: dict
+    semantic: dict
+
+
+@functools.lru_cache(maxsize=2)
+def _shapeworld(seed: int, n_train: int, n_test: int):
+    from .shapeworld import downstream_benchmark
+
+    n_val = max(1, n_train // 9)
+    return downstream_benchmark(seed=seed, resolution=24, n_train=n_train, n_val=n_val, n_test=n_test,
+                                n_shift=n_test, n_ood=n_test)
+
+
+def _array_set(name, images, labels, classnames):
+    return ArrayImageDataset(name, np.ascontiguousarray(images.transpose(0, 2, 3, 1)), labels, classnames)
+
+
+def _ood_array_set(name, images):
+    return ArrayImageDataset(name, np.ascontiguousarray(images.transpose(0, 2, 3, 1)),
+                             np.full(len(images), -1, dtype=np.int64), [])
+
+
+def build_train_data(cfg: Config) -> TrainData:
+    data = cfg.data
+    if data.dataset == "shapeworld":
+        bench = _shapeworld(cfg.train.seed, data.n_train, data.n_test)
+        names = bench["classnames"]
+        return TrainData(_array_set("shapeworld-train", *bench["train"], names),
+                         _array_set("shapeworld-val", *bench["val"], names), names)
+    train = build_dataset(data.dataset, _root(data.root, data.dataset), "train",
+                          image_resolution=data.image_resolution, classnames=data.classnames_file)
+    size = {"val_fraction": data.val_size} if data.val_size < 1 else {"val_size": int(data.val_size)}
+    train_idx, val_idx = split_indices(len(train), seed=cfg.train.seed, **size)
+    return TrainData(Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist()), train.classnames)
+
+
+def build_eval_sets(cfg: Config) -> EvalSets:
+    data, ecfg = cfg.data, cfg.eval
+    if data.dataset == "shapeworld":
+        bench = _shapeworld(cfg.train.seed, data.n_train, data.n_test)
+        names = bench["classnames"]
+        return EvalSets(names, _array_set("shapeworld-test", *bench["test"], names),
+                        {k: _array_set(k, *v, names) for k, v in bench["covariate"].items()},
+                        {k: _ood_array_set(k, v) for k, v in bench["semantic"].items()})
+    root = _root(data.root, data.dataset)
+    options = dict(image_resolution=data.image_resolution, classnames=data.classnames_file)
+    test = build_dataset(data.dataset, root, "test" if data.dataset.startswith("cifar") else None, **options)
+    paper = PAPER_BENCHMARKS.get(data.dataset, {"shift": (), "ood": ()})
+    covariate = ecfg.covariate or {name: str(Path(root).parent / name) for name in paper["shift"]}
+    semantic = ecfg.semantic or {name: str(Path(root).parent / name) for name in paper["ood"]}
+    return EvalSets(test.classnames, test,
+                    {name: build_dataset(name, path, **options) for name, path in covariate.items()},
+                    {name: build_dataset(name, path, image_resolution=data.image_resolution, ood=True)
+                     for name, path in semantic.items()})
+
+
+def _root(root, dataset: str) -> str:
+    if root is None:
+        raise ValueError(f"data.root is not set: point it at the {dataset} dataset folder "
+                         f"(e.g. --set data.root=/data/{dataset})")
+    return root

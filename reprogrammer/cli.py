@@ -45,8 +45,8 @@ def _export(args) -> int:
                          fp16=args.fp16, opset=args.opset, calibration_images=calibration,
                          metadata={"model_name": meta["model"]["name"], "pretrained": str(meta["model"]["pretrained"]),
                                    "method": meta["method"]})
-    print(f"wrote {report['path']} (max |logits difference| vs PyTorch: "
-          f"{report.get('max_abs_diff', report.get('max_abs_logits_diff'))})")
+    print(f"wrote {report['path']}: max |difference| against PyTorch {report['max_abs_diff']}, "
+          f"OOD threshold {report['ood_threshold']}")
     return 0
 
 

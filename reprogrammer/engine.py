@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .clip import load_pretrained
 from .config import Config, ConfigError, to_dict
+from .data.images import base_dataset, collate_images
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
 from .methods import TrainingObjective, build_method
 
@@ -168,8 +169,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
 
     sampler = ResumableSampler(data.train, info, seed=tcfg.seed)
     loader_kwargs = dict(batch_size=micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
-                         pin_memory=device.type == "cuda", drop_last=True,
-                         persistent_workers=False)
+                         pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_images)
     save_every = tcfg.save_every or steps_per_epoch
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(run_dir / "train_log.jsonl", "a") if info.is_main else None
@@ -193,7 +193,9 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 for micro in range(tcfg.grad_accum):
-                    images, labels = next(batches)
+                    images, labels, skipped = next(batches)
+                    if skipped:  # unreadable files: dropped from the batch, counted, fatal past a limit
+                        base_dataset(data.train).record_skipped(skipped)
                     images, labels = to_float_images(images, device), labels.to(device, non_blocking=True)
                     sync = contextlib.nullcontext() if micro == tcfg.grad_accum - 1 or not info.enabled \
                         else objective.no_sync()

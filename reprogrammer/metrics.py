@@ -175,7 +175,7 @@ def _average_precision(tps: np.ndarray, fps: np.ndarray) -> float:
 def _metrics_from_sorted(id_sorted: np.ndarray, ood_sorted: np.ndarray) -> dict[str, float]:
     """All metrics from ascending-sorted scores (ID positive, higher = more ID)."""
     n_id, n_ood = id_sorted.size, ood_sorted.size
-    threshold = id_sorted[round(0.05 * n_id)]
+    threshold = id_sorted[fpr95_index(n_id)]
     fpr95 = (n_ood - np.searchsorted(ood_sorted, threshold, side="right")) / n_ood
 
     tps, fps = _ranked_counts(id_sorted, ood_sorted)
@@ -192,6 +192,19 @@ def _metrics_from_sorted(id_sorted: np.ndarray, ood_sorted: np.ndarray) -> dict[
         "aupr_out": _average_precision(ood_tps, id_fps),
         "detection_error": float(errors.min() / (n_id + n_ood)),
     }
+
+
+def fpr95_index(n_id: int) -> int:
+    """Index of the FPR95 threshold in the ascending-sorted ID scores (METHOD.md 5)."""
+    return round(0.05 * n_id)
+
+
+def fpr95_threshold(id_scores) -> float:
+    """The score that keeps 95 % of ID samples: below it a sample is flagged OOD."""
+    scores = np.sort(_scores_1d(id_scores, "ID"))
+    if not np.isfinite(scores).all():
+        raise ValueError("ID scores must be finite to set a threshold")
+    return float(scores[fpr95_index(scores.size)])
 
 
 def ood_metrics(id_scores, ood_scores, *, bootstrap: int = 0, seed: int = 0) -> dict:

@@ -20,7 +20,7 @@ from .clip import image_normalisation
 DEFAULT_TEMPLATE = "a photo of a {}"
 
 
-def _vision_tower(clip) -> VisionTransformer:
+def vision_tower(clip) -> VisionTransformer:
     visual = getattr(clip, "visual", None)
     if not isinstance(visual, VisionTransformer):
         raise TypeError(
@@ -49,6 +49,16 @@ def _text_tower(clip):
     )
 
 
+def encode_patch_tokens(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The frozen ViT after its patch embedding (positional rows already added to `tokens`):
+    class token, `ln_pre`, transformer, pooling, projection, as open_clip's forward does."""
+    cls = (visual.class_embedding + visual.positional_embedding[0]).to(tokens.dtype)
+    x = torch.cat([cls.expand(tokens.shape[0], 1, -1), tokens], dim=1)
+    x = visual.ln_pre(visual.patch_dropout(x))
+    pooled, _ = visual._pool(visual.transformer(x))
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
 class Reprogrammer(nn.Module):
     """Reprogrammed CLIP classifier over `classnames`; `alpha > 0` gives Residual Reprogrammer.
 
@@ -61,7 +71,7 @@ class Reprogrammer(nn.Module):
                  dropout: float = 0.0, alpha: float = 0.0, image: bool = True, text: bool = True,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
         super().__init__()
-        visual = _vision_tower(clip)
+        visual = vision_tower(clip)
         text_tower, _, _ = _text_tower(clip)
         if not classnames:
             raise ValueError("classnames is empty: a classifier needs at least one class")
@@ -131,11 +141,7 @@ class Reprogrammer(nn.Module):
         tokens = kernels.reprogram_patch_embed(
             images, perturbation, visual.conv1.weight, up_resolution=up_resolution, mean=self.mean,
             std=self.std, pos_embed=visual.positional_embedding[1:])
-        cls = (visual.class_embedding + visual.positional_embedding[0]).to(tokens.dtype)
-        x = torch.cat([cls.expand(tokens.shape[0], 1, -1), tokens], dim=1)
-        x = visual.ln_pre(visual.patch_dropout(x))
-        pooled, _ = visual._pool(visual.transformer(x))
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        return encode_patch_tokens(visual, tokens)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalised reprogrammed image features `[B, D]`."""
@@ -212,7 +218,8 @@ class Reprogrammer(nn.Module):
 def check_pixel_range(images: torch.Tensor) -> None:
     """Images must be floats in [0, 1]. Checked on CPU tensors only: on an accelerator the check
     would stall the stream, and the data pipeline converts uint8 there, which guarantees the range."""
-    if images.device.type != "cpu" or images.numel() == 0:
+    if images.device.type != "cpu" or images.numel() == 0 or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing():
         return
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 1:

@@ -1,20 +1,21 @@
 """A small learnable dataset for engine tests: class = dominant colour channel pattern."""
 import torch
-from torch.utils.data import TensorDataset
 
+from reprogrammer.data import ArrayImageDataset
 from reprogrammer.engine import TrainData
 
 CLASSNAMES = ["red", "green", "blue", "grey"]
 
 
-def colour_dataset(n: int, seed: int, size: int = 12) -> TensorDataset:
+def colour_dataset(n: int, seed: int, size: int = 12) -> ArrayImageDataset:
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % len(CLASSNAMES)
     images = torch.randint(0, 90, (n, 3, size, size), generator=g)
     for c in range(3):
         images[labels == c, c] += 150
     images[labels == 3] += 100
-    return TensorDataset(images.to(torch.uint8), labels)
+    hwc = images.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return ArrayImageDataset(f"colours-{seed}", hwc, labels.numpy(), CLASSNAMES)
 
 
 def train_data(n_train: int = 48, n_val: int = 16) -> TrainData:

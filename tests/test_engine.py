@@ -89,11 +89,11 @@ cfg = load_config(None, {overrides!r})
 slow = {slow}
 data = train_data()
 if slow:
-    class Slow(type(data.train)):
-        def __getitem__(self, i):
-            time.sleep(0.02)
-            return super().__getitem__(i)
-    data.train = Slow(*data.train.tensors)
+    getitem = type(data.train).__getitem__
+    def slow_getitem(self, i):
+        time.sleep(0.02)
+        return getitem(self, i)
+    type(data.train).__getitem__ = slow_getitem
 try:
     train(cfg, {run_dir!r}, data, resume={resume}, clip=tiny_clip(), progress=False)
 except TrainingInterrupted as stop:

@@ -169,7 +169,7 @@ def collate_images(batch: Sequence) -> tuple[torch.Tensor, torch.Tensor, list[Sk
     return images, labels, skipped
 
 
-def _base_dataset(dataset: Dataset) -> ImageDataset:
+def base_dataset(dataset: Dataset) -> ImageDataset:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     if not isinstance(dataset, ImageDataset):
@@ -188,7 +188,7 @@ class ImageLoader:
     def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  num_workers: int = 0, **loader_kwargs):
         self.dataset = dataset
-        self._owner = _base_dataset(dataset)
+        self._owner = base_dataset(dataset)
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                  num_workers=num_workers, collate_fn=collate_images, **loader_kwargs)

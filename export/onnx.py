@@ -1,0 +1,182 @@
+"""`export_onnx`: a trained Reprogrammer as one verified ONNX classifier file.
+
+The graph is traced with PyTorch's TorchScript-based exporter (`dynamo=False`): it translates
+`F.interpolate(mode="bicubic", align_corners=False)` to `Resize(cubic, half_pixel, a=-0.75)`,
+which onnxruntime computes like PyTorch; the torch.export-based exporter needs onnxscript.
+The file is staged in a temporary folder beside `path` and only moved into place once
+onnxruntime has reproduced PyTorch's outputs, so a failed export leaves nothing behind.
+"""
+import contextlib
+import copy
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+
+from . import metadata as meta
+from .graph import MCM_TEMPERATURE, OUTPUT_NAMES, ExportableClassifier, check_exportable
+from .predict import check_images
+from reprogrammer.metrics import fpr95_threshold
+
+from .verify import compare, open_session
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 11  # first opset with Resize(cubic, half_pixel)
+TRACE_BATCH = 2
+VERIFY_BATCHES = (1, 3)  # both differ from the traced batch: the batch axis must really be dynamic
+DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 1e-2}
+# Protobuf cannot serialise 2 GiB; graphs above this keep their weights in `<file>.data`.
+EXTERNAL_DATA_BYTES = 3 << 29
+CALIBRATION_BATCH = 64
+
+
+def export_onnx(model, path, *, image_resolution: int, alpha: Optional[float] = None, fp16: bool = False,
+                opset: int = 17, metadata: Optional[dict] = None, calibration_images=None,
+                atol: Optional[float] = None, seed: int = 0) -> dict:
+    """Write `model` as an ONNX classifier to `path` and return the verification report.
+
+    Graph: input `images` float32 `[B, 3, R, R]` in [0, 1] with `R = image_resolution` and a
+    dynamic batch; outputs `logits` `[B, C]`, `probabilities` `[B, C]`, `ood_score` `[B]` (MCM)
+    and `prediction` `[B]` (int64). `alpha` defaults to `model.alpha`. `fp16` runs the image
+    tower in float16 (inputs and outputs stay float32). `metadata` entries (e.g. model_name,
+    pretrained) are stored beside the derived ones (class names, alpha, template, resolutions).
+    `calibration_images` (the ID validation split: an array `[N, 3, R, R]`, or an iterable of
+    such batches or of `(images, labels)` pairs) set the OOD threshold at 95% TPR. `atol` is the
+    max-abs tolerance against PyTorch (default 1e-4 in fp32, 1e-2 in fp16).
+    """
+    check_exportable(model, image_resolution)
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset={opset!r} must be an int >= {MIN_OPSET} (bicubic Resize needs it); 17 is the default")
+    alpha = float(model.alpha if alpha is None else alpha)
+    precision = "fp16" if fp16 else "fp32"
+    atol = DEFAULT_ATOL[precision] if atol is None else float(atol)
+    user = dict(metadata or {})
+    clashes = sorted(meta.DERIVED & set(user))
+    if clashes:
+        raise ValueError(f"metadata keys {clashes} are derived from the model by the exporter; drop them")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass the .onnx file to write, e.g. {path / 'model.onnx'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with _cpu_fp32_eval(model) as reference:
+            graph = ExportableClassifier(reference, alpha=alpha, dtype=torch.float16 if fp16 else torch.float32)
+            proto = _trace(graph, staging / "trace", image_resolution, opset, seed)
+            props = {
+                meta.CLASSNAMES: reference.classnames, meta.ALPHA: alpha, meta.TEMPLATE: reference.template,
+                meta.IMAGE_RESOLUTION: image_resolution, meta.UP_RESOLUTION: reference.up_resolution,
+                meta.CANVAS: reference.canvas, meta.LOGIT_SCALE: reference.logit_scale.item(),
+                meta.PRECISION: precision, meta.OOD_TEMPERATURE: MCM_TEMPERATURE, **user,
+            }
+            staged = staging / path.name
+            _save(proto, staged, props)
+            session = open_session(staged)
+            report = compare(session, reference, alpha=alpha, image_resolution=image_resolution,
+                             batch_sizes=VERIFY_BATCHES, atol=atol, seed=seed)
+        threshold = None
+        if calibration_images is not None:
+            threshold = fpr95_threshold(_ood_scores(session, calibration_images, image_resolution))
+            _save(proto, staged, {**props, meta.OOD_THRESHOLD: threshold})
+        del session  # releases the staged files (onnxruntime may memory-map external weights)
+        for staged_file in staging.iterdir():
+            os.replace(staged_file, path.parent / staged_file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s (%s, opset %d, alpha %g, OOD threshold %s)", path, precision, opset, alpha, threshold)
+    return {"path": str(path), "precision": precision, "opset": opset, "alpha": alpha,
+            "image_resolution": image_resolution, "ood_threshold": threshold, **report}
+
+
+@contextlib.contextmanager
+def _cpu_fp32_eval(model):
+    """`model` on the CPU in fp32 and eval mode (no perturbation dropout): a copy when it lives
+    elsewhere, otherwise the model itself with its training flag restored afterwards."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    in_place = all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())
+                   for t in tensors)
+    target = model if in_place else copy.deepcopy(model).to("cpu", torch.float32)
+    was_training = target.training
+    target.eval()
+    try:
+        yield target
+    finally:
+        target.train(was_training)
+
+
+@contextlib.contextmanager
+def _tracing_settings():
+    # The fused attention fast path is one aten op the exporter cannot translate; the tracer
+    # warnings concern shape checks, which are constant by design (only the batch is dynamic).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+            warnings.filterwarnings("ignore", message="The feature will be removed")
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _trace(graph: ExportableClassifier, folder: Path, image_resolution: int, opset: int, seed: int):
+    """The traced graph as an in-memory ONNX model (its weights loaded, the trace files removed)."""
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(seed)
+    example = torch.rand(TRACE_BATCH, 3, image_resolution, image_resolution, generator=generator)
+    dynamic = {name: {0: "batch"} for name in ("images", *OUTPUT_NAMES)}
+    with _tracing_settings(), torch.no_grad():
+        torch.onnx.export(graph, (example,), str(folder / "graph.onnx"), dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)
+    proto = onnx.load(str(folder / "graph.onnx"))
+    shutil.rmtree(folder)
+    return proto
+
+
+def _save(proto, path: Path, props: dict) -> None:
+    """Write `proto` with `props` as its metadata; large weights go to `<name>.data` beside it.
+
+    Once saved with external data the proto only references that file, so saving it again
+    (new metadata) rewrites the graph file alone.
+    """
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta.encode(props))
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    onnx.save_model(proto, str(path), save_as_external_data=weight_bytes > EXTERNAL_DATA_BYTES,
+                    all_tensors_to_one_file=True, location=f"{path.name}.data")
+
+
+def _calibration_batches(images):
+    if hasattr(images, "shape"):  # one array or tensor of all images
+        batches = [images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+    else:
+        batches = images
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):  # (images, labels) from a data loader
+            batch = batch[0]
+        yield batch.detach().cpu().float().numpy() if hasattr(batch, "detach") else batch
+
+
+def _ood_scores(session, calibration_images, image_resolution: int) -> np.ndarray:
+    scores = []
+    for batch in _calibration_batches(calibration_images):
+        try:
+            batch = check_images(batch, image_resolution)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"calibration_images: {exc}") from None
+        scores.append(session.run(["ood_score"], {"images": batch})[0])
+    if not scores:
+        raise ValueError("calibration_images is empty: pass the ID validation images")
+    return np.concatenate(scores)

@@ -1,0 +1,93 @@
+"""Does an exported graph compute what the PyTorch model computes?
+
+The reference is the model's own `forward` on the PyTorch reference ops in fp32, independent of
+the traced wrapper in `export.graph`; both see the same random images.
+"""
+import contextlib
+import logging
+import os
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .graph import MCM_TEMPERATURE, OUTPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+
+class ExportVerificationError(RuntimeError):
+    """The exported graph cannot be run, or disagrees with PyTorch; nothing was written."""
+
+
+@contextlib.contextmanager
+def _reference_backend_and_alpha(model, alpha: float):
+    """`REPROGRAMMER_BACKEND=torch` and `model.alpha = alpha` for the duration."""
+    saved_backend, saved_alpha = os.environ.get("REPROGRAMMER_BACKEND"), model.alpha
+    os.environ["REPROGRAMMER_BACKEND"] = "torch"
+    model.alpha = alpha
+    try:
+        yield
+    finally:
+        model.alpha = saved_alpha
+        if saved_backend is None:
+            del os.environ["REPROGRAMMER_BACKEND"]
+        else:
+            os.environ["REPROGRAMMER_BACKEND"] = saved_backend
+
+
+def reference_outputs(model, images: torch.Tensor, alpha: float) -> dict[str, np.ndarray]:
+    """The graph's outputs as PyTorch computes them from `model(images)` with `alpha`."""
+    with _reference_backend_and_alpha(model, alpha), torch.no_grad():
+        logits = model(images).float()
+        cos = logits / model.logit_scale
+    return {
+        "logits": logits.numpy(),
+        "probabilities": logits.softmax(dim=-1).numpy(),
+        "ood_score": (cos / MCM_TEMPERATURE).softmax(dim=-1).amax(dim=-1).numpy(),
+        "prediction": logits.argmax(dim=-1).numpy(),
+    }
+
+
+def open_session(path) -> ort.InferenceSession:
+    """An onnxruntime CPU session on `path`; a graph it cannot load is a verification failure."""
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types, one per status code
+        raise ExportVerificationError(
+            f"onnxruntime (CPU) cannot load the exported graph: {exc}. With --fp16 this means an "
+            "operator lacks a float16 CPU kernel in this onnxruntime version: export in fp32, or "
+            "upgrade onnxruntime"
+        ) from exc
+
+
+def compare(session: ort.InferenceSession, model, *, alpha: float, image_resolution: int,
+            batch_sizes: tuple[int, ...], atol: float, seed: int = 0) -> dict:
+    """Run both on random batches of `batch_sizes`; raise `ExportVerificationError` when a float
+    output differs by more than `atol` (max-abs), else return the differences."""
+    generator = torch.Generator().manual_seed(seed)
+    per_batch = {name: [] for name in ("logits", "probabilities", "ood_score")}
+    agree = total = 0
+    for batch in batch_sizes:
+        images = torch.rand(batch, 3, image_resolution, image_resolution, generator=generator)
+        expected = reference_outputs(model, images, alpha)
+        got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {"images": images.numpy()})))
+        for name, values in per_batch.items():
+            values.append(np.max(np.abs(got[name] - expected[name])))
+        agree += int((got["prediction"] == expected["prediction"]).sum())
+        total += batch
+    # np.max propagates NaN, so a NaN output fails the `<= atol` test below
+    diffs = {name: float(np.max(values)) for name, values in per_batch.items()}
+    report = {"max_abs_diff": diffs, "prediction_agreement": agree / total,
+              "batch_sizes": list(batch_sizes), "atol": atol}
+    summary = ", ".join(f"{name} {diff:.3g}" for name, diff in diffs.items())
+    log.info("ONNX vs PyTorch max |diff| over batch sizes %s: %s (tolerance %g); predictions agree on %d/%d",
+             list(batch_sizes), summary, atol, agree, total)
+    failed = [name for name, diff in diffs.items() if not diff <= atol]
+    if failed:
+        raise ExportVerificationError(
+            f"the exported graph disagrees with PyTorch on {', '.join(failed)}: max |diff| {summary}, "
+            f"tolerance {atol:g}; the file was not written. A larger model in fp16 may need a looser "
+            "tolerance (atol=...); in fp32 this is a bug in the export path"
+        )
+    return report

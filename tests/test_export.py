@@ -1,0 +1,248 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+import export.graph
+import export.onnx
+import kernels
+from export import OnnxClassifier, load_image, predict_files, predict_main
+from export.onnx import export_onnx
+from export.verify import ExportVerificationError
+from tests.helpers import CLASSNAMES, tiny_reprogrammer
+
+CANVAS = 32  # RP-ViT-Tiny's input size; tiny_reprogrammer uses up_resolution 20, mr_resolution 11
+
+
+def trained_like(**kwargs):
+    """A tiny Reprogrammer away from its initialisation on both sides."""
+    model = tiny_reprogrammer(**kwargs)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        if model.image_delta is not None:
+            model.image_delta.copy_(torch.randn(model.image_delta.shape, generator=generator) * 2 + 0.3)
+        model.token_rows.add_(torch.randn(model.token_rows.shape, generator=generator))
+        model.text_positional.add_(0.1 * torch.randn(model.text_positional.shape, generator=generator))
+    return model
+
+
+def expected_outputs(model, images: torch.Tensor, alpha: float) -> dict[str, np.ndarray]:
+    """The classifier's outputs through open_clip's own `encode_image` on the reprogrammed canvas."""
+    with torch.no_grad():
+        def encode(perturbation, up_resolution):
+            canvas = kernels.reprogram_image(images, perturbation, up_resolution=up_resolution,
+                                             mean=model.mean, std=model.std)
+            return F.normalize(model.clip.encode_image(canvas), dim=-1)
+
+        zero_shot = encode(torch.zeros(3, CANVAS, CANVAS), CANVAS)
+        reprogrammed = zero_shot if model.image_delta is None else \
+            encode(torch.tanh(model.image_delta * model.mask), model.up_resolution)
+        image = (1 - alpha) * reprogrammed + alpha * zero_shot
+        text = (1 - alpha) * model.encode_text() + alpha * model.zs_text_features
+        cos = image @ text.T
+        logits = model.clip.logit_scale.exp() * cos
+        return {"logits": logits.numpy(), "probabilities": logits.softmax(-1).numpy(),
+                "ood_score": (cos / 0.01).softmax(-1).amax(-1).numpy(), "prediction": logits.argmax(-1).numpy()}
+
+
+def assert_matches(got: dict, expected: dict, atol: float) -> None:
+    for name in ("logits", "probabilities", "ood_score"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=atol, err_msg=name)
+    top2 = np.sort(expected["logits"], axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * atol  # near-ties may flip either way
+    np.testing.assert_array_equal(got["prediction"][clear], expected["prediction"][clear])
+
+
+@pytest.fixture(scope="module")
+def model():
+    """In training mode with perturbation dropout: the export must still use the eval perturbation."""
+    return trained_like(dropout=0.3).train()
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return torch.rand(41, 3, 13, 13, generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def calibrated(model, calibration, tmp_path_factory):
+    """Path and report of an export with metadata and an OOD threshold, at resolution 13."""
+    path = tmp_path_factory.mktemp("calibrated") / "model.onnx"
+    report = export_onnx(model, path, image_resolution=13, alpha=0.4, calibration_images=calibration,
+                         metadata={"model_name": "RP-ViT-Tiny", "pretrained": "none", "step": 120})
+    return path, report
+
+
+@pytest.mark.parametrize("alpha, resolution, image", [
+    (0.0, 13, True), (0.4, 13, True), (0.4, CANVAS, True), (0.4, 13, False),
+])
+def test_onnxruntime_equals_pytorch(model, tmp_path, alpha, resolution, image):
+    model = model if image else trained_like(image=False)
+    path = tmp_path / "model.onnx"
+    report = export_onnx(model, path, image_resolution=resolution, alpha=alpha)
+    assert report["max_abs_diff"]["logits"] <= 1e-4
+    assert model.alpha == 0.0 and model.training  # restored after the export
+    classifier = OnnxClassifier(path)
+    generator = torch.Generator().manual_seed(5)
+    for batch in (2, 7):
+        images = torch.rand(batch, 3, resolution, resolution, generator=generator)
+        assert_matches(classifier(images.numpy()), expected_outputs(model, images, alpha), atol=1e-4)
+    graph = onnx.load(str(path)).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, resolution, resolution]
+    resizes = [n for n in graph.node if n.op_type == "Resize"]
+    # up_resolution 20 != resolution always; the zero-shot branch resizes unless resolution == canvas
+    assert len(resizes) == int(image) + int((alpha > 0 or not image) and resolution != CANVAS)
+    for node in resizes:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["mode"] == b"cubic" and attributes["coordinate_transformation_mode"] == b"half_pixel"
+        assert attributes["cubic_coeff_a"] == pytest.approx(-0.75)
+
+
+def test_metadata_and_threshold_round_trip(model, calibrated, calibration):
+    path, report = calibrated
+    classifier = OnnxClassifier(path)
+    assert classifier.classnames == CLASSNAMES and classifier.alpha == 0.4
+    assert classifier.image_resolution == 13
+    assert classifier.metadata["template"] == model.template
+    assert classifier.metadata["model_name"] == "RP-ViT-Tiny" and classifier.metadata["pretrained"] == "none"
+    assert classifier.metadata["step"] == "120"
+    scores = np.sort(expected_outputs(model, calibration, 0.4)["ood_score"])
+    assert classifier.threshold == report["ood_threshold"]
+    assert classifier.threshold == pytest.approx(scores[2], abs=1e-5)  # round(0.05 * 41) = 2
+
+
+def write_images(folder):
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir(parents=True)
+    paths = [folder / "a.png", folder / "sub" / "b.jpg", folder / "sub" / "c.PNG"]
+    Image.fromarray(rng.integers(0, 256, (29, 40, 3), dtype=np.uint8)).save(paths[0])
+    Image.fromarray(rng.integers(0, 256, (50, 17, 3), dtype=np.uint8)).save(paths[1], quality=95)
+    Image.fromarray(rng.integers(0, 256, (13, 13, 4), dtype=np.uint8), mode="RGBA").save(paths[2])
+    corrupt = folder / "sub" / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return paths, corrupt
+
+
+def test_load_image_is_torchvision_resize_and_centre_crop(tmp_path):
+    paths, _ = write_images(tmp_path)
+    reference = transforms.Compose([transforms.Resize(13, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(13), transforms.ToTensor()])
+    for path in paths:
+        with Image.open(path) as image:
+            expected = reference(image.convert("RGB")).numpy()
+        np.testing.assert_array_equal(load_image(path, 13), expected)
+
+
+def test_predict_files_reports_unreadable_files_and_classifies_the_rest(calibrated, tmp_path):
+    path, _ = calibrated
+    paths, corrupt = write_images(tmp_path / "images")
+    missing = tmp_path / "missing.png"
+    records = list(predict_files(path, [tmp_path / "images", missing], batch_size=2))
+    ordered = [paths[0], paths[1], corrupt, paths[2], missing]  # sorted walk, then the next argument
+    assert [r["path"] for r in records] == [str(p) for p in ordered]
+    bad = {r["path"]: r for r in records if r["error"]}
+    assert set(bad) == {str(corrupt), str(missing)}
+    assert "cannot read image" in bad[str(corrupt)]["error"] and bad[str(corrupt)]["class"] is None
+    classifier = OnnxClassifier(path)
+    good = [r for r in records if not r["error"]]
+    outputs = classifier(np.stack([load_image(r["path"], 13) for r in good]))
+    for i, record in enumerate(good):
+        label = outputs["prediction"][i]
+        assert record["class"] == CLASSNAMES[label]
+        assert record["probability"] == pytest.approx(outputs["probabilities"][i, label], abs=1e-6)
+        assert record["ood_score"] == pytest.approx(outputs["ood_score"][i], abs=1e-6)
+        assert record["ood"] == (record["ood_score"] < classifier.threshold)
+
+
+def test_predict_main_prints_json_lines(calibrated, tmp_path, capsys):
+    path, _ = calibrated
+    paths, corrupt = write_images(tmp_path)
+    assert predict_main(["--onnx", str(path), str(paths[0]), str(paths[1])]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == [str(paths[0]), str(paths[1])]
+    assert predict_main(["--onnx", str(path), str(corrupt), str(paths[2])]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["error"] and lines[1]["class"] in CLASSNAMES and isinstance(lines[1]["ood"], bool)
+
+
+def test_predict_path_does_not_import_torch():
+    code = "import sys; import export.predict; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onnx_classifier_rejects_bad_images(calibrated):
+    classifier = OnnxClassifier(calibrated[0])
+    with pytest.raises(ValueError, match=r"\[B, 3, 13, 13\]"):
+        classifier(np.random.rand(2, 3, 12, 13).astype(np.float32))
+    with pytest.raises(TypeError, match="255"):
+        classifier(np.zeros((2, 3, 13, 13), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        classifier(np.random.rand(2, 3, 13, 13).astype(np.float32) * 2)
+
+
+def test_fp16_export_within_tolerance(model, tmp_path):
+    path = tmp_path / "model.onnx"
+    report = export_onnx(model, path, image_resolution=CANVAS, alpha=0.4, fp16=True)
+    assert report["precision"] == "fp16" and report["max_abs_diff"]["logits"] <= 1e-2
+    proto = onnx.load(str(path))
+    weight_types = {t.data_type for t in proto.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in weight_types
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+               for v in [*proto.graph.input, *proto.graph.output] if v.name != "prediction")
+    images = torch.rand(6, 3, CANVAS, CANVAS, generator=torch.Generator().manual_seed(8))
+    got = OnnxClassifier(path)(images.numpy())
+    assert_matches(got, expected_outputs(model, images, 0.4), atol=1e-2)
+    assert np.abs(got["logits"] - expected_outputs(model, images, 0.4)["logits"]).max() > 1e-6  # really fp16
+
+
+def test_large_weights_go_to_an_external_data_file(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(export.onnx, "EXTERNAL_DATA_BYTES", 0)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path, image_resolution=CANVAS, alpha=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    images = torch.rand(3, 3, CANVAS, CANVAS, generator=torch.Generator().manual_seed(2))
+    assert_matches(OnnxClassifier(path)(images.numpy()), expected_outputs(model, images, 0.0), atol=1e-4)
+
+
+def test_verification_refuses_a_wrong_graph_and_writes_nothing(model, tmp_path, monkeypatch):
+    def shifted(*args, **kwargs):  # a ramp over the width: a constant shift would vanish in ln_pre
+        tokens = kernels.reprogram_patch_embed_ref(*args, **kwargs)
+        return tokens + 0.1 * torch.linspace(0, 1, tokens.shape[-1])
+
+    monkeypatch.setattr(export.graph, "reprogram_patch_embed_ref", shifted)
+    with pytest.raises(ExportVerificationError, match="disagrees with PyTorch on logits"):
+        export_onnx(model, tmp_path / "model.onnx", image_resolution=13, alpha=0.4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_vit_and_incompatible_models_are_rejected(tmp_path):
+    not_vit = tiny_reprogrammer()
+    not_vit.clip.visual = torch.nn.Identity()
+    with pytest.raises(TypeError, match="ViT image tower"):
+        export_onnx(not_vit, tmp_path / "m.onnx", image_resolution=16)
+    with pytest.raises(TypeError, match="needs a reprogrammer.Reprogrammer"):
+        export_onnx(not_vit.clip, tmp_path / "m.onnx", image_resolution=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"image_resolution": 0}, ValueError, "positive int"),
+    ({"image_resolution": 16.0}, ValueError, "positive int"),
+    ({"image_resolution": 16, "opset": 9}, ValueError, "opset"),
+    ({"image_resolution": 16, "metadata": {"alpha": 1.0}}, ValueError, "derived"),
+    ({"image_resolution": 16, "alpha": 1.5}, ValueError, "alpha"),
+    ({"image_resolution": 16, "calibration_images": torch.rand(4, 3, 15, 15)}, ValueError, r"\[B, 3, 16, 16\]"),
+])
+def test_bad_export_arguments_raise(model, tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        export_onnx(model, tmp_path / "m.onnx", **kwargs)
+    assert list(tmp_path.iterdir()) == []

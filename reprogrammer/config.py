@@ -111,6 +111,11 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         raise errors[0]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads exponent literals without a dot (1e-3) as strings
+            return float(value)
+        except ValueError:
+            pass
     for kind in (list, dict):
         if annotation is kind or origin is kind:
             if not isinstance(value, kind):

@@ -140,7 +140,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     else:
         clip, tokenizer = clip
     classifier = build_method(clip, tokenizer, data.classnames, cfg.method).to(device)
-    if not getattr(classifier, "trainable", True):
+    if not classifier.trainable:
         raise ConfigError(f"method {cfg.method.name!r} has nothing to train; evaluate it directly")
 
     epochs = tcfg.epochs or classifier.default_epochs
@@ -154,7 +154,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
 
     objective = TrainingObjective(classifier)
     if tcfg.compile == "model":
-        for tower in _frozen_towers(classifier):
+        for tower in classifier.frozen_towers():
             tower.compile()
     if info.enabled:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -250,16 +250,6 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     if info.is_main:
         ckpt._write_json_atomic(run_dir / "summary.json", summary)
     return summary
-
-
-def _frozen_towers(classifier):
-    """The frozen encoder blocks that `compile: model` hands to torch.compile."""
-    clip = classifier.clip
-    towers = [clip.visual.transformer]
-    text = getattr(clip, "transformer", None) or getattr(getattr(clip, "text", None), "transformer", None)
-    if text is not None:
-        towers.append(text)
-    return towers
 
 
 def _stop_requested(stop: _StopFlag, info: DistInfo, device) -> bool:

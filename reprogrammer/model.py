@@ -36,7 +36,7 @@ def vision_tower(clip) -> VisionTransformer:
     return visual
 
 
-def _text_tower(clip):
+def text_tower(clip):
     """`(module holding the text embeddings, pool type, eos id)`: the CLIP itself, or its `.text`."""
     if isinstance(clip, CLIP):
         return clip, clip.text_pool_type, getattr(clip, "text_eos_id", None)
@@ -59,6 +59,26 @@ def encode_patch_tokens(visual: VisionTransformer, tokens: torch.Tensor) -> torc
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
+def encode_text_embeddings(clip, embeddings: torch.Tensor, tokens: torch.Tensor,
+                           positional: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Unnormalised text features of prompts given as token embeddings `[N, L, width]`.
+
+    `tokens` `[N, L]` are the prompts' ids, used only for pooling (the EOT position), so the
+    embeddings may differ from the token table's rows (learned rows, prompt contexts).
+    `positional` replaces the tower's positional embedding when given.
+    """
+    text, pool_type, eos_id = text_tower(clip)
+    cast_dtype = text.transformer.get_cast_dtype()
+    positional = text.positional_embedding if positional is None else positional
+    x = embeddings.to(cast_dtype) + positional.to(cast_dtype)
+    x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask))
+    x = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
+    projection = text.text_projection
+    if isinstance(projection, nn.Linear):
+        return projection(x)
+    return x @ projection if projection is not None else x
+
+
 class Reprogrammer(nn.Module):
     """Reprogrammed CLIP classifier over `classnames`; `alpha > 0` gives Residual Reprogrammer.
 
@@ -72,7 +92,7 @@ class Reprogrammer(nn.Module):
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
         super().__init__()
         visual = vision_tower(clip)
-        text_tower, _, _ = _text_tower(clip)
+        text_module, _, _ = text_tower(clip)
         if not classnames:
             raise ValueError("classnames is empty: a classifier needs at least one class")
         if "{}" not in template:
@@ -110,11 +130,11 @@ class Reprogrammer(nn.Module):
         self.register_buffer("prompt_tokens", prompts)
         self.register_buffer("token_ids", token_ids)
         self.register_buffer("prompt_index", prompt_index)
-        self.token_rows = nn.Parameter(text_tower.token_embedding.weight[token_ids].detach().clone())
-        self.text_positional = nn.Parameter(text_tower.positional_embedding.detach().clone())
+        self.token_rows = nn.Parameter(text_module.token_embedding.weight[token_ids].detach().clone())
+        self.text_positional = nn.Parameter(text_module.positional_embedding.detach().clone())
         with torch.no_grad():
-            zero_shot = self._text_features(text_tower.token_embedding.weight[token_ids],
-                                            text_tower.positional_embedding, slice(None))
+            zero_shot = self._text_features(text_module.token_embedding.weight[token_ids],
+                                            text_module.positional_embedding, slice(None))
         self.register_buffer("zs_text_features", F.normalize(zero_shot, dim=-1))
         self.token_rows.requires_grad_(text)
         self.text_positional.requires_grad_(text)
@@ -159,16 +179,8 @@ class Reprogrammer(nn.Module):
 
     # ---- text side --------------------------------------------------------------------------
     def _text_features(self, rows: torch.Tensor, positional: torch.Tensor, classes) -> torch.Tensor:
-        text, pool_type, eos_id = _text_tower(self.clip)
-        cast_dtype = text.transformer.get_cast_dtype()
-        tokens = self.prompt_tokens[classes]
-        x = rows[self.prompt_index[classes]].to(cast_dtype) + positional.to(cast_dtype)
-        x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask))
-        x = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
-        projection = text.text_projection
-        if isinstance(projection, nn.Linear):
-            return projection(x)
-        return x @ projection if projection is not None else x
+        return encode_text_embeddings(self.clip, rows[self.prompt_index[classes]], self.prompt_tokens[classes],
+                                      positional)
 
     def encode_text(self, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L2-normalised reprogrammed text features of `classes` (all classes by default)."""

@@ -42,6 +42,12 @@ class Classifier(nn.Module):
     score_temperature: float = 1.0
     #: Default number of epochs of the authors' recipe for this method.
     default_epochs: int = 25
+    #: False for methods with nothing to train (zero-shot).
+    trainable: bool = True
+
+    def frozen_towers(self) -> list:
+        """Frozen encoder blocks that `train.compile: model` hands to torch.compile."""
+        return []
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

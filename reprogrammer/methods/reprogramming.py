@@ -4,7 +4,7 @@ import torch
 import kernels
 from ..distributed import gather_batch
 from ..losses import contrastive_focal_loss
-from ..model import Reprogrammer
+from ..model import Reprogrammer, text_tower
 from ..optim import reprogrammer_optimizers, scheduled
 from .base import Classifier, MethodConfig
 
@@ -22,6 +22,9 @@ class ReprogrammerClassifier(Reprogrammer, Classifier):
     @property
     def score_temperature(self) -> float:
         return 0.01 * self.logit_scale.item()
+
+    def frozen_towers(self):
+        return [self.clip.visual.transformer, text_tower(self.clip)[0].transformer]
 
     def loss(self, images, labels):
         image_features = self.image_features(images)

@@ -32,6 +32,8 @@ class DataConfig:
     #: validation split carved from the training set: a fraction (< 1) or a count.
     val_size: float = 0.1
     classnames_file: Optional[str] = None
+    #: unreadable image files are skipped and counted; more than this fraction is an error.
+    max_skipped_fraction: float = 0.01
     num_workers: int = 2
     #: shapeworld sizes
     n_train: int = 4000
@@ -60,6 +62,8 @@ class EvalConfig:
     #: dataset (METHOD.md 7) found under `data.root`'s parent folder.
     covariate: dict = field(default_factory=dict)
     semantic: dict = field(default_factory=dict)
+    #: ID test set {dataset: NAME, root: PATH} for datasets without a test split (imagefolder, csv).
+    test: dict = field(default_factory=dict)
     alphas: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     batch_size: int = 256
     temperature: float = 0.01

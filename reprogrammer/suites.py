@@ -8,7 +8,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from .config import Config
-from .data import PAPER_BENCHMARKS, ArrayImageDataset, build_dataset, split_indices
+from .data import DATASETS, PAPER_BENCHMARKS, ArrayImageDataset, build_dataset, split_indices
 from .engine import TrainData
 
 
@@ -18,6 +18,12 @@ class EvalSets:
     test: Dataset
     covariate: dict
     semantic: dict
+
+    def skipped(self) -> dict:
+        """Unreadable files skipped so far, per set."""
+        sets = {"test": self.test, **self.covariate, **self.semantic}
+        return {name: [f"{r.path}: {r.reason}" for r in getattr(ds, "skipped", [])] for name, ds in sets.items()
+                if getattr(ds, "skipped", None)}
 
 
 @functools.lru_cache(maxsize=2)
@@ -45,7 +51,8 @@ def build_train_data(cfg: Config) -> TrainData:
         names = bench["classnames"]
         return TrainData(_array_set("shapeworld-train", *bench["train"], names),
                          _array_set("shapeworld-val", *bench["val"], names), names)
-    train = build_dataset(data.dataset, _root(data.root, data.dataset), "train",
+    splits = DATASETS[data.dataset].splits if data.dataset in DATASETS else ("train",)
+    train = build_dataset(data.dataset, _root(data.root, data.dataset), "train" if "train" in splits else splits[0],
                           image_resolution=data.image_resolution, classnames=data.classnames_file)
     size = {"val_fraction": data.val_size} if data.val_size < 1 else {"val_size": int(data.val_size)}
     train_idx, val_idx = split_indices(len(train), seed=cfg.train.seed, **size)
@@ -61,15 +68,37 @@ def build_eval_sets(cfg: Config) -> EvalSets:
                         {k: _array_set(k, *v, names) for k, v in bench["covariate"].items()},
                         {k: _ood_array_set(k, v) for k, v in bench["semantic"].items()})
     root = _root(data.root, data.dataset)
-    options = dict(image_resolution=data.image_resolution, classnames=data.classnames_file)
-    test = build_dataset(data.dataset, root, "test" if data.dataset.startswith("cifar") else None, **options)
+    options = dict(image_resolution=data.image_resolution, classnames=data.classnames_file,
+                   max_skipped_fraction=data.max_skipped_fraction)
+    test = _eval_set(data.dataset, ecfg.test, options) if ecfg.test else \
+        build_dataset(data.dataset, root, _test_split(data.dataset), **options)
     paper = PAPER_BENCHMARKS.get(data.dataset, {"shift": (), "ood": ()})
     covariate = ecfg.covariate or {name: str(Path(root).parent / name) for name in paper["shift"]}
     semantic = ecfg.semantic or {name: str(Path(root).parent / name) for name in paper["ood"]}
     return EvalSets(test.classnames, test,
-                    {name: build_dataset(name, path, **options) for name, path in covariate.items()},
-                    {name: build_dataset(name, path, image_resolution=data.image_resolution, ood=True)
-                     for name, path in semantic.items()})
+                    {name: _eval_set(name, spec, options) for name, spec in covariate.items()},
+                    {name: _eval_set(name, spec, dict(image_resolution=data.image_resolution, ood=True,
+                                                          max_skipped_fraction=data.max_skipped_fraction))
+                     for name, spec in semantic.items()})
+
+
+def _eval_set(name: str, spec, options: dict):
+    """`spec` is the root of registry dataset `name`, or `{dataset: registry name, root: ...}`."""
+    if isinstance(spec, dict):
+        if set(spec) - {"dataset", "root", "split"} or "root" not in spec:
+            raise ValueError(f"eval set {name!r}: give a root path or {{dataset: NAME, root: PATH[, split: S]}}, "
+                             f"got {spec!r}")
+        return build_dataset(spec.get("dataset", name), spec["root"], spec.get("split"), **options)
+    return build_dataset(name, spec, **options)
+
+
+def _test_split(dataset: str):
+    """The held-out split: `test`, or `val` for ImageNet-style datasets."""
+    held_out = [s for s in ("test", "val") if s in DATASETS[dataset].splits]
+    if not held_out:
+        raise ValueError(f"{dataset} has no test split of its own: name one with "
+                         "eval.test: {dataset: NAME, root: PATH}")
+    return held_out[0]
 
 
 def _root(root, dataset: str) -> str:

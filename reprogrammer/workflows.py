@@ -53,8 +53,9 @@ def _sweep_row(row: dict) -> dict:
     return {k: row[k] for k in keep if k in row}
 
 
-def finish_report(results: dict, extras: dict, out_dir, *, title: str, notes: str = "", config=None) -> dict:
-    report = {"title": title, "notes": notes, "methods": results}
+def finish_report(results: dict, extras: dict, out_dir, *, title: str, notes: str = "", config=None,
+                  skipped=None) -> dict:
+    report = {"title": title, "notes": notes, "methods": results, "skipped_files": skipped or {}}
     if "alpha_sweep" in extras:
         report["alpha_sweep"] = extras["alpha_sweep"]
     if "wise_ft_sweep" in extras:
@@ -66,6 +67,8 @@ def finish_report(results: dict, extras: dict, out_dir, *, title: str, notes: st
                          ood_scores={k: v for k, v in mcm.items() if k != "test"} if mcm else None)
     for name, result in results.items():
         print(dataset_line(name, result))
+    for name, files in report["skipped_files"].items():
+        print(f"{name}: skipped {len(files)} unreadable file(s), e.g. {files[0]}")
     print(f"report: {paths['markdown']}")
     return report
 
@@ -84,4 +87,4 @@ def run_eval(run_dir, out_dir, *, which="best", config_path=None, overrides=(), 
     classifier.to(options.device)
     results, extras = evaluate_method(classifier, meta["method"], cfg, sets, options)
     return finish_report(results, extras, out_dir, title=f"{meta['method']} on {cfg.data.dataset}",
-                         notes=f"checkpoint: {run_dir} ({which})", config=meta["config"])
+                         notes=f"checkpoint: {run_dir} ({which})", config=meta["config"], skipped=sets.skipped())

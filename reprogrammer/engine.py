@@ -27,6 +27,7 @@ from .config import Config, ConfigError, to_dict
 from .data.images import base_dataset, collate_images
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
 from .methods import TrainingObjective, build_method
+from .telemetry import GpuTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     start, images_seen = time.perf_counter(), 0
     window = {"start": start, "images": 0, "steps": 0}
     loss_sum = torch.zeros((), device=device)
-    with _StopFlag() as stop:
+    telemetry = GpuTelemetry(device.index) if device.type == "cuda" and info.is_main else contextlib.nullcontext()
+    with _StopFlag() as stop, telemetry:
         while state["step"] < total_steps:
             epoch, offset = divmod(state["step"], steps_per_epoch)
             sampler.set_position(epoch, offset * micro_batch * tcfg.grad_accum)
@@ -235,6 +237,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
                 if state["step"] % save_every == 0 or last or stopping:
+                    _check_finite(loss_sum, state, tcfg, info, run_dir)
                     _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta,
                                        optimizers, schedulers, scaler)
                 if stopping:
@@ -247,6 +250,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
         log_file.close()
     elapsed = time.perf_counter() - start
     summary = _summary(cfg, run_dir, state, total_steps, images_seen, elapsed)
+    summary["gpu_telemetry"] = telemetry.summary() if isinstance(telemetry, GpuTelemetry) else None
     if info.is_main:
         ckpt._write_json_atomic(run_dir / "summary.json", summary)
     return summary
@@ -264,12 +268,18 @@ def _stop_requested(stop: _StopFlag, info: DistInfo, device) -> bool:
 
 def _check_loss(loss_sum, steps, state, tcfg, info, run_dir) -> float:
     """Mean loss over the last `steps` steps (all ranks); a non-finite fp32 loss stops training."""
+    value = _check_finite(loss_sum, state, tcfg, info, run_dir)
+    return value / max(steps, 1)
+
+
+def _check_finite(loss_sum, state, tcfg, info, run_dir) -> float:
+    """The loss summed since the last log, over ranks; raises on NaN/inf in fp32 (before any save)."""
     value = all_reduce_sum(loss_sum.clone(), info).item() / info.world_size
     if not math.isfinite(value) and tcfg.precision == "fp32":
         raise TrainingDiverged(
             f"loss became {value} by step {state['step']} in fp32; stopped without saving. The last good "
             f"checkpoint is in {run_dir / 'checkpoints'} (latest.json); lower the learning rate and --resume")
-    return value / steps
+    return value
 
 
 def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta, optimizers, schedulers, scaler):

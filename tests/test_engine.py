@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from reprogrammer import checkpoint as ckpt
 from reprogrammer.config import ConfigError, load_config
-from reprogrammer.engine import train
+from reprogrammer.engine import TrainingDiverged, train
 from tests.engine_data import train_data
 from tests.helpers import tiny_clip
 
@@ -154,3 +154,22 @@ def test_two_rank_gloo_ddp_equals_one_rank_with_the_same_global_batch(tmp_path):
     for key in one:
         # fp32, same samples per step; only the order of the cross-rank sums differs.
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_nan_loss_in_fp32_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from reprogrammer.methods.reprogramming import ReprogrammerClassifier
+
+    loss = ReprogrammerClassifier.loss
+    calls = {"n": 0}
+
+    def poisoned(self, images, labels):
+        calls["n"] += 1
+        value = loss(self, images, labels)
+        return value * float("nan") if calls["n"] > 8 else value
+
+    monkeypatch.setattr(ReprogrammerClassifier, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="nan"):
+        run(tmp_path, "train.save_every=4", "train.log_every=3")
+    last = ckpt.find_checkpoint(tmp_path / "run")
+    assert last.name == "step-00000008"
+    assert torch.isfinite(load_file(str(last / "learned.safetensors"))["image_delta"]).all()

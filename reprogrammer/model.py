@@ -15,6 +15,7 @@ from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 
 import kernels
+from .checkpoint import load_checked
 from .clip import image_normalisation
 
 DEFAULT_TEMPLATE = "a photo of a {}"
@@ -204,27 +205,14 @@ class Reprogrammer(nn.Module):
             state["image_delta"] = self.image_delta
         return {k: v.detach() for k, v in state.items()}
 
-    @torch.no_grad()
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
-        expected = self.learned_state()
-        if set(state) != set(expected):
-            raise ValueError(
-                f"checkpoint holds {sorted(state)} but this Reprogrammer expects {sorted(expected)} "
-                "(image/text reprogramming switched on differently?)"
-            )
-        for key, value in expected.items():
-            if state[key].shape != value.shape:
-                raise ValueError(
-                    f"checkpoint tensor {key!r} has shape {tuple(state[key].shape)}, expected "
-                    f"{tuple(value.shape)}: it was trained for another architecture, resolution or class set"
-                )
-        if not torch.equal(state["token_ids"].to(self.token_ids.device), self.token_ids):
+        if "token_ids" in state and not torch.equal(state["token_ids"].cpu(), self.token_ids.cpu()):
             raise ValueError("checkpoint was trained on other prompts (class names or template differ)")
-        self.mask.copy_(state["mask"])
-        self.token_rows.copy_(state["token_rows"])
-        self.text_positional.copy_(state["text_positional"])
+        targets = {"token_rows": self.token_rows, "text_positional": self.text_positional, "mask": self.mask,
+                   "token_ids": self.token_ids}
         if self.image_delta is not None:
-            self.image_delta.copy_(state["image_delta"])
+            targets["image_delta"] = self.image_delta
+        load_checked(targets, state, "Reprogrammer")
 
 
 def check_pixel_range(images: torch.Tensor) -> None:

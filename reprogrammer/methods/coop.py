@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from ..model import encode_text_embeddings, text_tower
 from ..optim import scheduled
 from .base import Classifier, MethodConfig
-from .features import ImageTower, load_checked
+from ..checkpoint import load_checked
+from .features import ImageTower
 from .linear import or_default
 
 

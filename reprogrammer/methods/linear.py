@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from ..optim import check_schedule
 from .base import Classifier, MethodConfig
-from .features import ImageTower, load_checked, zero_shot_text_features
+from ..checkpoint import load_checked
+from .features import ImageTower, zero_shot_text_features
 
 #: The authors' step schedule: the LR multiplier becomes 0.5, then 0.2, then 0.1 of the base LR
 #: (absolute factors, not cumulative) once this fraction of the steps is done.

@@ -1,0 +1,450 @@
+"""Training-step and evaluation throughput of Reprogrammer pipelines on one model, batch and data.
+
+    python -m bench.train [--quick] [--model ViT-B-32] [--batch 256] [--sweep 64 128 512]
+                          [--steps 10] [--warmup 3] [--out bench/results]
+
+Training step = forward + backward + optimiser step, for three pipelines:
+
+- `authors`: the public reference code's step: fp32, a PIL round trip per image inside the forward
+  pass (tensor -> PIL image -> bicubic resize to U -> tensor), padding and perturbation in eager
+  torch, the prompt of every image's class tokenised and encoded (N prompts per batch), the whole
+  token-embedding table trained;
+- `eager-amp`: `Reprogrammer` and its loss on the reference ops (REPROGRAMMER_BACKEND=torch), eager,
+  unique prompts, autocast;
+- `ours`: the same with the fused kernels (backend auto) and the frozen towers compiled;
+- `lower-bound`: the frozen towers alone: the image tower's forward and input-gradient backward on
+  an already-prepared canvas batch, the text tower's on the batch's unique prompts.
+
+Evaluation (images/s of Residual Reprogrammer, alpha 0.4): `naive-two-pass` runs two model
+forwards, one per branch (reprogrammed; zero-shot with its prompts encoded), and blends the
+features in eager torch; `ours` is `Reprogrammer.forward` with alpha 0.4.
+
+Ratios are `speedup_vs_<pipeline>` = that pipeline's step time / the row's step time, i.e. the
+throughput ratio row / pipeline; for `ours` against `lower-bound` it is the fraction of the
+towers' own speed that the whole step reaches. All pipelines see the same images and labels.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import kernels
+from bench.harness import (
+    QUANTILES, REPO_ROOT, add_speedups, environment_info, markdown_table, plot_throughput,
+    write_results,
+)
+from bench.kernels import cpu_threads, use_backend
+from reprogrammer.clip import image_normalisation, load_clip
+from reprogrammer.engine import autocast
+from reprogrammer.losses import contrastive_focal_loss
+from reprogrammer.methods import MethodConfig
+from reprogrammer.methods.reprogramming import ReprogrammerClassifier
+from reprogrammer.model import DEFAULT_TEMPLATE
+from reprogrammer.optim import reprogrammer_optimizers
+from reprogrammer.telemetry import GpuTelemetry
+
+CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+ALPHA = 0.4
+BASELINES = ("authors", "eager-amp", "lower-bound", "naive-two-pass")
+ROW_ORDER = ("authors", "eager-amp", "naive-two-pass", "ours", "lower-bound")
+
+
+class AuthorsPipeline(nn.Module):
+    """The training step of the public reference code, kept to measure against.
+
+    What it does differently from `Reprogrammer` (METHOD.md section 8): each image makes a PIL
+    round trip inside the forward pass (uint8 quantisation included), one prompt per image is
+    tokenised and encoded (duplicates too), and the whole token-embedding table is trained.
+    """
+
+    def __init__(self, clip, tokenizer, classnames, *, up_resolution: int, mr_resolution: int,
+                 template: str = DEFAULT_TEMPLATE):
+        super().__init__()
+        self.clip = clip.requires_grad_(False).eval()
+        self.clip.token_embedding.weight.requires_grad_(True)
+        self.clip.positional_embedding.requires_grad_(True)
+        self.tokenizer = tokenizer
+        self.prompts = [template.format(c) for c in classnames]
+        self.canvas = clip.visual.image_size[0]
+        self.up_resolution = up_resolution
+        device = clip.visual.conv1.weight.device
+        self.register_buffer("mask", kernels.border_mask(self.canvas, mr_resolution, device=device))
+        self.image_delta = nn.Parameter(torch.randn(3, self.canvas, self.canvas, device=device))
+        mean, std = image_normalisation(clip)
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+    def reprogram(self, images: torch.Tensor) -> torch.Tensor:
+        size = (self.up_resolution, self.up_resolution)
+        upsampled = torch.stack([
+            TF.to_tensor(TF.to_pil_image(image.cpu()).resize(size, Image.Resampling.BICUBIC)) for image in images
+        ]).to(images.device)
+        before = (self.canvas - self.up_resolution) // 2
+        after = self.canvas - self.up_resolution - before
+        canvas = F.pad(upsampled, (before, after, before, after))
+        x = (canvas + kernels.perturbation(self.image_delta, self.mask)).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        image_features = F.normalize(self.clip.encode_image(self.reprogram(images)), dim=-1)
+        tokens = self.tokenizer([self.prompts[i] for i in labels.tolist()]).to(images.device)
+        text_features = F.normalize(self.clip.encode_text(tokens), dim=-1)
+        index = torch.arange(len(labels), device=images.device)
+        return contrastive_focal_loss(image_features, text_features, index, self.clip.logit_scale.exp())
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The authors' optimisers (METHOD.md section 3) over their trained tensors."""
+        text = [self.clip.token_embedding.weight, self.clip.positional_embedding]
+        return [torch.optim.Adam([self.image_delta], lr=5e-3, weight_decay=0.1),
+                torch.optim.AdamW(text, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)]
+
+
+@dataclass
+class Setup:
+    """What every pipeline shares: the frozen CLIP (kept on the CPU, copied per pipeline), data
+    geometry, precision and whether `ours` compiles its towers."""
+    model: str
+    clip: nn.Module
+    tokenizer: Callable
+    device: torch.device
+    precision: str  # "amp_bf16" or "fp32", for eager-amp and ours
+    compile: bool
+    image_resolution: int
+    up_resolution: int
+    mr_resolution: int
+
+    def fresh_clip(self) -> nn.Module:
+        return copy.deepcopy(self.clip).to(self.device)
+
+    def reprogrammer(self, compiled: bool) -> ReprogrammerClassifier:
+        cfg = MethodConfig(up_resolution=self.up_resolution, mr_resolution=self.mr_resolution)
+        model = ReprogrammerClassifier(self.fresh_clip(), self.tokenizer, CLASSNAMES, cfg)
+        if compiled:
+            for tower in model.frozen_towers():
+                tower.compile()
+        return model.train()
+
+
+# A workload turns a batch (images, labels) into a no-argument callable: one step to time.
+Workload = Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]
+
+
+def train_step(loss_fn, optimizers, device: torch.device, precision: str) -> Workload:
+    def make(images, labels):
+        def step():
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                loss = loss_fn(images, labels)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+        return step
+    return make
+
+
+def lower_bound_step(model: ReprogrammerClassifier, device: torch.device, precision: str) -> Workload:
+    """Frozen towers only: forward + input-gradient backward, nothing else of the step."""
+    def make(images, labels):
+        g = torch.Generator(device=device).manual_seed(len(labels))
+        canvas = torch.randn(len(labels), 3, model.canvas, model.canvas, device=device, generator=g)
+        canvas.requires_grad_()
+        classes = torch.unique(labels)
+
+        def step():
+            canvas.grad = model.token_rows.grad = model.text_positional.grad = None
+            with autocast(device, precision):
+                total = model.clip.encode_image(canvas).float().sum() + model.encode_text(classes).sum()
+            total.backward()
+        return step
+    return make
+
+
+@contextlib.contextmanager
+def evaluating(model: ReprogrammerClassifier, alpha: float):
+    """Evaluation mode with blend weight `alpha` for the block; training settings restored after."""
+    was_training, previous = model.training, model.alpha
+    model.eval()
+    model.alpha = alpha
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        model.alpha = previous
+
+
+def naive_two_pass(model: ReprogrammerClassifier, tokenizer, device: torch.device,
+                   precision: str) -> Workload:
+    """Residual Reprogrammer as two model forwards blended afterwards, in eager torch."""
+    prompts = tokenizer([model.template.format(c) for c in model.classnames]).to(device)
+
+    def make(images, labels):
+        @torch.no_grad()
+        def step():
+            with evaluating(model, 0.0), autocast(device, precision):
+                img_rp = model.image_features(images)
+                txt_rp = model.encode_text()
+                resized = kernels.reprogram_image(images, model.zero_canvas, up_resolution=model.canvas,
+                                                  mean=model.mean, std=model.std)
+                img_zs = model.clip.encode_image(resized)
+                txt_zs = model.clip.encode_text(prompts)
+                return kernels.residual_logits_ref(img_rp, img_zs, txt_rp, txt_zs, alpha=ALPHA,
+                                                   logit_scale=model.logit_scale)
+        return step
+    return make
+
+
+def residual_forward(model: ReprogrammerClassifier, device: torch.device, precision: str) -> Workload:
+    def make(images, labels):
+        @torch.no_grad()
+        def step():
+            with evaluating(model, ALPHA), autocast(device, precision):
+                return model(images)
+        return step
+    return make
+
+
+def pipeline_groups(setup: Setup):
+    """`(backend, {(task, pipeline): workload})` per model built; built one at a time, so that a
+    pipeline's memory peak holds its own model only."""
+    dev, precision = setup.device, setup.precision
+
+    def authors():
+        pipeline = AuthorsPipeline(setup.fresh_clip(), setup.tokenizer, CLASSNAMES,
+                                   up_resolution=setup.up_resolution, mr_resolution=setup.mr_resolution)
+        return "torch", {("train", "authors"): train_step(pipeline.loss, pipeline.optimizers(), dev, "fp32")}
+
+    def eager():
+        model = setup.reprogrammer(compiled=False)
+        return "torch", {
+            ("train", "eager-amp"): train_step(model.loss, reprogrammer_optimizers(model), dev, precision),
+            ("eval", "naive-two-pass"): naive_two_pass(model, setup.tokenizer, dev, precision),
+        }
+
+    def ours():
+        model = setup.reprogrammer(compiled=setup.compile)
+        return "auto", {
+            ("train", "ours"): train_step(model.loss, reprogrammer_optimizers(model), dev, precision),
+            ("train", "lower-bound"): lower_bound_step(model, dev, precision),
+            ("eval", "ours"): residual_forward(model, dev, precision),
+        }
+
+    return authors, eager, ours
+
+
+def measure(step: Callable[[], object], steps: int, warmup: int, device: torch.device) -> dict:
+    """Step time quantiles (ms), first-call time (s, compile included) and peak CUDA memory."""
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    step()
+    synchronize()
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    median, p20, p80 = torch.quantile(torch.tensor(times, dtype=torch.float64),
+                                      torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"step_ms": median, "p20_ms": p20, "p80_ms": p80, "first_step_s": first_s, "peak_mem_mib": peak}
+
+
+def batch_data(batch: int, setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as a uint8 dataset gives them (k / 255), and labels over all classes."""
+    g = torch.Generator().manual_seed(batch)
+    side = setup.image_resolution
+    images = torch.randint(0, 256, (batch, 3, side, side), generator=g).float().div(255)
+    labels = torch.randint(0, len(CLASSNAMES), (batch,), generator=g)
+    return images.to(setup.device), labels.to(setup.device)
+
+
+def run(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    notes = []
+    precision = args.precision
+    if precision == "auto":
+        precision = "amp_bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cpu":
+            notes.append("eager-amp and ours run in fp32 on the CPU: bf16 autocast is slower there")
+    compile_towers = {"on": True, "off": False, "auto": not (args.quick and device.type == "cpu")}[args.compile]
+    if not compile_towers:
+        notes.append("ours runs without torch.compile (inductor needs minutes to warm up on a small CPU; "
+                     "--compile on forces it)")
+    if device.type == "cpu":
+        notes.append("on the CPU the fused ops take their PyTorch reference path: ours differs from "
+                     "eager-amp only by compilation")
+        notes.append("peak memory is measured on CUDA only")
+    for note in notes:
+        print(f"note: {note}")
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: speed does not depend on them
+        clip, tokenizer = load_clip(args.model)
+    canvas = clip.visual.image_size[0]
+    setup = Setup(args.model, clip, tokenizer, device, precision, compile_towers, args.image_resolution,
+                  args.up_resolution or canvas, args.mr_resolution or (6 * canvas) // 7)
+    batches = list(dict.fromkeys([args.batch, *args.sweep]))  # the main batch first
+    env = environment_info(device)
+    env["torch_threads"] = torch.get_num_threads()
+    extra = {"notes": notes, "model": args.model, "canvas": canvas, "image_resolution": setup.image_resolution,
+             "up_resolution": setup.up_resolution, "mr_resolution": setup.mr_resolution,
+             "precision": precision, "compiled_towers": compile_towers, "alpha": ALPHA,
+             "classes": len(CLASSNAMES), "steps": args.steps, "warmup": args.warmup, "main_batch": args.batch,
+             "cpu_count": os.cpu_count(), "errors": []}
+    if hasattr(os, "getloadavg"):
+        extra["load_avg_start"] = os.getloadavg()
+    rows: list[dict] = []
+    with GpuTelemetry() as telemetry:
+        for build in pipeline_groups(setup):
+            for batch_rows in measure_group(build, batches, setup, args, extra["errors"]):
+                rows += batch_rows
+                extra["telemetry"] = telemetry.summary()
+                if hasattr(os, "getloadavg"):
+                    extra["load_avg_end"] = os.getloadavg()
+                if rows:
+                    paths = write(rows, env, extra, args.out)
+    if not rows:
+        raise SystemExit("every pipeline failed: " + "; ".join(extra["errors"]))
+    print(f"wrote {paths[0]}, {paths[1]} and {paths[2]}")
+    print(short_table(finish(rows), args.batch))
+    return 1 if extra["errors"] else 0
+
+
+def measure_group(build, batches, setup: Setup, args, errors: list[str]) -> Iterator[list[dict]]:
+    """Rows of one model's workloads, a batch size at a time, so that the caller saves as it goes.
+    A failing build or measurement (memory, a kernel) is recorded in `errors`, and the run goes on."""
+    try:
+        backend, workloads = build()
+    except Exception as err:
+        _record(errors, "building a pipeline", err)
+        return
+    try:
+        with use_backend(backend):
+            for batch in batches:
+                images, labels = batch_data(batch, setup)
+                rows = []
+                for (task, pipeline), workload in workloads.items():
+                    try:
+                        timing = measure(workload(images, labels), args.steps, args.warmup, setup.device)
+                    except Exception as err:
+                        _record(errors, f"{task} {pipeline} B={batch}", err)
+                        continue
+                    rows.append({
+                        "task": task, "pipeline": pipeline, "batch": batch, **timing,
+                        "images_per_s": batch / (timing["step_ms"] * 1e-3),
+                        "precision": "fp32" if pipeline == "authors" else setup.precision,
+                        "compiled": setup.compile and pipeline in ("ours", "lower-bound"),
+                        "ops": "fused" if backend == "auto" and setup.device.type == "cuda" else "reference",
+                    })
+                    print(f"{task:5} {pipeline:15} B={batch:<5} {timing['step_ms']:10.2f} ms "
+                          f"{rows[-1]['images_per_s']:10.1f} img/s  first step {timing['first_step_s']:.1f} s",
+                          flush=True)
+                yield rows
+    finally:
+        del workloads
+        gc.collect()
+        if setup.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _record(errors: list[str], what: str, err: Exception) -> None:
+    errors.append(f"{what}: {type(err).__name__}: {err}")
+    print(f"error: {errors[-1]}", file=sys.stderr)
+
+
+def finish(rows: list[dict]) -> list[dict]:
+    """Rows with their ratio columns, training first, then by batch and pipeline."""
+    rows = sorted(rows, key=lambda r: (r["task"] != "train", r["batch"], ROW_ORDER.index(r["pipeline"])))
+    return add_speedups(rows, ("task", "batch"), BASELINES, provider_key="pipeline", time_key="step_ms")
+
+
+def write(rows, env, extra, out) -> tuple[Path, Path, Path]:
+    json_path, md_path = write_results(finish(rows), "train", out, env=env, extra=extra)
+    series = [{**row, "series": f"{row['task']} {row['pipeline']}"} for row in rows]
+    plot = plot_throughput(series, "batch", "images_per_s", "series", json_path.with_suffix(".png"),
+                           title=f"{extra['model']}: throughput vs batch")
+    return json_path, md_path, plot
+
+
+def short_table(rows: list[dict], batch: int) -> str:
+    keys = ("task", "pipeline", "batch", "images_per_s", "step_ms", "peak_mem_mib",
+            *(f"speedup_vs_{b}" for b in BASELINES))
+    return markdown_table([{k: row.get(k) for k in keys} for row in rows if row["batch"] == batch])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="reprogrammer bench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="RP-ViT-Tiny, batches 8 and 4, 2 steps, one thread, no compile "
+                        "(seconds on a CPU)")
+    parser.add_argument("--model", help="open_clip ViT architecture, random weights (default ViT-B-32 "
+                        "on CUDA, RP-ViT-Small on the CPU)")
+    parser.add_argument("--batch", type=int, help="main batch size (default 256 on CUDA, 32 on the CPU)")
+    parser.add_argument("--sweep", type=int, nargs="*", help="more batch sizes for the throughput-vs-batch "
+                        "plot (default 64 128 512 on CUDA, 8 16 64 on the CPU; none: --sweep alone)")
+    parser.add_argument("--steps", type=int, help="timed steps per pipeline and batch (default 10; CPU 5)")
+    parser.add_argument("--warmup", type=int, help="untimed steps after the first (default 3; CPU 1; quick 0)")
+    parser.add_argument("--image-resolution", type=int, help="source image side (default 32; quick 16)")
+    parser.add_argument("--up-resolution", type=int, help="U (default: the model's input size)")
+    parser.add_argument("--mr-resolution", type=int, help="R, the untouched centre (default 6/7 of the input)")
+    parser.add_argument("--precision", choices=["auto", "amp_bf16", "fp32"], default="auto",
+                        help="of eager-amp and ours (auto: amp_bf16 on CUDA, fp32 on the CPU); authors: fp32")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="compile ours' frozen towers (auto: yes, except --quick on the CPU)")
+    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; --quick: 1)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"),
+                        help="folder for the JSON, markdown and plot (default bench/results)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        defaults = dict(model="RP-ViT-Tiny", batch=8, sweep=[4], steps=2, warmup=0, image_resolution=16,
+                        threads=1)
+    elif cuda:
+        defaults = dict(model="ViT-B-32", batch=256, sweep=[64, 128, 512], steps=10, warmup=3,
+                        image_resolution=32)
+    else:
+        defaults = dict(model="RP-ViT-Small", batch=32, sweep=[8, 16, 64], steps=5, warmup=1,
+                        image_resolution=32)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    sizes = [args.batch, *args.sweep, args.steps, args.image_resolution, args.threads or 1]
+    if min(sizes) < 1 or args.warmup < 0:
+        parser.error("batch sizes, steps, resolution and threads must be positive and warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with cpu_threads(args.threads):
+        return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,15 +3,11 @@
 `pretrained` may be an open_clip tag (downloaded where the hub is reachable), a local checkpoint
 file (open_clip's `.pt`/`.bin`/`.safetensors` formats), or None for random weights.
 """
-import logging
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import open_clip
-import torch
-
-log = logging.getLogger(__name__)
 
 # `RP-ViT-Tiny` (tests) and `RP-ViT-Small` (the built-in default) are ordinary open_clip configs.
 open_clip.add_model_config(Path(__file__).parent / "model_configs")

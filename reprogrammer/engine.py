@@ -81,7 +81,7 @@ def evaluate_accuracy(classifier, dataset, batch_size: int, device, precision: s
     classifier.eval()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     counts = torch.zeros(2, dtype=torch.float64, device=device)
-    for images, labels in DataLoader(shard, batch_size=batch_size, num_workers=0):
+    for images, labels, _ in DataLoader(shard, batch_size=batch_size, num_workers=0, collate_fn=collate_images):
         with autocast(device, precision):
             logits = classifier(to_float_images(images, device))
         counts[0] += (logits.argmax(-1).cpu() == labels).sum().item()

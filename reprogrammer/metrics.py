@@ -103,7 +103,6 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # side="left" puts a confidence equal to an edge in the bin that edge closes.
     bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    counts = np.bincount(bins, minlength=n_bins)
     gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=confidence, minlength=n_bins)
     return float(np.abs(gap).sum() / max(len(targets), 1))
 

@@ -1,6 +1,5 @@
 """What the `train`, `eval` and `demo` commands do, as functions."""
 import logging
-from pathlib import Path
 
 from . import metrics
 from .engine import resolve_device
@@ -74,7 +73,7 @@ def finish_report(results: dict, extras: dict, out_dir, *, title: str, notes: st
 
 
 def run_eval(run_dir, out_dir, *, which="best", config_path=None, overrides=(), progress=True) -> dict:
-    from .config import from_dict, Config, load_config
+    from .config import load_config
     from .runs import load_run
     from .suites import build_eval_sets
 

@@ -1,5 +1,5 @@
-# `make demo` and `make test` set up .venv on first use (pip takes torch and
-# torchvision from the local wheel cache or PyPI), then run.
+# `make demo` and `make test` set up .venv on first use with the exact versions of
+# constraints.txt (pip takes torch and torchvision from the local wheel cache or PyPI), then run.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,10 +7,10 @@ OUT ?= runs/demo
 
 .PHONY: demo test install clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed

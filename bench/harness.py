@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from reprogrammer.telemetry import nvml_driver_version
+from reprogrammer.training.telemetry import nvml_driver_version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUANTILES = (0.5, 0.2, 0.8)

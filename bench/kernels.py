@@ -31,13 +31,19 @@ from pathlib import Path
 
 import torch
 
-import kernels
 from bench.harness import (
-    REPO_ROOT, add_peak_fractions, add_speedups, environment_info, markdown_table,
-    measure_ceilings, time_fn, write_results,
+    REPO_ROOT,
+    add_peak_fractions,
+    add_speedups,
+    environment_info,
+    markdown_table,
+    measure_ceilings,
+    time_fn,
+    write_results,
 )
-from reprogrammer.clip import CLIP_MEAN, CLIP_STD
-from reprogrammer.telemetry import GpuTelemetry
+from reprogrammer import kernels
+from reprogrammer.constants import CLIP_MEAN, CLIP_STD
+from reprogrammer.training.telemetry import GpuTelemetry
 
 PROVIDERS = ("triton", "torch", "torch_compile")
 BASELINES = ("torch", "torch_compile")
@@ -71,20 +77,6 @@ COUNTED = {
              "matrices read, four per-row results written (int64 + 3 x fp32). full = forward + "
              "backward.",
 }
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the block with `REPROGRAMMER_BACKEND=name`, restoring the caller's setting after."""
-    previous = os.environ.get("REPROGRAMMER_BACKEND")
-    os.environ["REPROGRAMMER_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["REPROGRAMMER_BACKEND"]
-        else:
-            os.environ["REPROGRAMMER_BACKEND"] = previous
 
 
 @contextlib.contextmanager
@@ -336,7 +328,7 @@ def measure_case(op, case, dtype_name, providers, device, compiled, args, errors
     for provider in providers:
         backend = "triton" if provider == "triton" else "torch"
         try:
-            with use_backend(backend):
+            with kernels.use_backend(backend):
                 fused, reference = IMPLEMENTATIONS[op]
                 fn = {"triton": fused, "torch": reference, "torch_compile": compiled}[provider]
                 if op == "patch-embed":

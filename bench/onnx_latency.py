@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from bench.harness import add_speedups, environment_info, markdown_table, time_fn, write_results
-from export import OnnxClassifier
-from export import metadata as meta
-from export.onnx import export_onnx
 from reprogrammer import Reprogrammer, load_clip
+from reprogrammer.export import OnnxClassifier
+from reprogrammer.export import metadata as meta
+from reprogrammer.export.onnx import export_onnx
 
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -43,20 +43,25 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import kernels
 from bench.harness import (
-    QUANTILES, REPO_ROOT, add_speedups, environment_info, markdown_table, plot_throughput,
+    QUANTILES,
+    REPO_ROOT,
+    add_speedups,
+    environment_info,
+    markdown_table,
+    plot_throughput,
     write_results,
 )
-from bench.kernels import cpu_threads, use_backend
+from bench.kernels import cpu_threads
+from reprogrammer import kernels
 from reprogrammer.clip import image_normalisation, load_clip
-from reprogrammer.engine import autocast
-from reprogrammer.losses import contrastive_focal_loss
+from reprogrammer.constants import DEFAULT_TEMPLATE
 from reprogrammer.methods import MethodConfig
+from reprogrammer.methods.losses import contrastive_focal_loss
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
-from reprogrammer.model import DEFAULT_TEMPLATE
-from reprogrammer.optim import reprogrammer_optimizers
-from reprogrammer.telemetry import GpuTelemetry
+from reprogrammer.runtime import autocast
+from reprogrammer.training.optim import reprogrammer_optimizers
+from reprogrammer.training.telemetry import GpuTelemetry
 
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 ALPHA = 0.4
@@ -67,7 +72,7 @@ ROW_ORDER = ("authors", "eager-amp", "naive-two-pass", "ours", "lower-bound")
 class AuthorsPipeline(nn.Module):
     """The training step of the public reference code, kept to measure against.
 
-    What it does differently from `Reprogrammer` (METHOD.md section 8): each image makes a PIL
+    What it does differently from `Reprogrammer` (docs/method.md section 8): each image makes a PIL
     round trip inside the forward pass (uint8 quantisation included), one prompt per image is
     tokenised and encoded (duplicates too), and the whole token-embedding table is trained.
     """
@@ -108,7 +113,7 @@ class AuthorsPipeline(nn.Module):
         return contrastive_focal_loss(image_features, text_features, index, self.clip.logit_scale.exp())
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The authors' optimisers (METHOD.md section 3) over their trained tensors."""
+        """The authors' optimisers (docs/method.md section 3) over their trained tensors."""
         text = [self.clip.token_embedding.weight, self.clip.positional_embedding]
         return [torch.optim.Adam([self.image_delta], lr=5e-3, weight_decay=0.1),
                 torch.optim.AdamW(text, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)]
@@ -345,7 +350,7 @@ def measure_group(build, batches, setup: Setup, args, errors: list[str]) -> Iter
         _record(errors, "building a pipeline", err)
         return
     try:
-        with use_backend(backend):
+        with kernels.use_backend(backend):
             for batch in batches:
                 images, labels = batch_data(batch, setup)
                 rows = []

@@ -5,12 +5,12 @@ the traced wrapper in `export.graph`; both see the same random images.
 """
 import contextlib
 import logging
-import os
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..kernels import use_backend
 from .graph import MCM_TEMPERATURE, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -22,18 +22,14 @@ class ExportVerificationError(RuntimeError):
 
 @contextlib.contextmanager
 def _reference_backend_and_alpha(model, alpha: float):
-    """`REPROGRAMMER_BACKEND=torch` and `model.alpha = alpha` for the duration."""
-    saved_backend, saved_alpha = os.environ.get("REPROGRAMMER_BACKEND"), model.alpha
-    os.environ["REPROGRAMMER_BACKEND"] = "torch"
+    """The PyTorch references and `model.alpha = alpha` for the duration."""
+    saved_alpha = model.alpha
     model.alpha = alpha
     try:
-        yield
+        with use_backend("torch"):
+            yield
     finally:
         model.alpha = saved_alpha
-        if saved_backend is None:
-            del os.environ["REPROGRAMMER_BACKEND"]
-        else:
-            os.environ["REPROGRAMMER_BACKEND"] = saved_backend
 
 
 def reference_outputs(model, images: torch.Tensor, alpha: float) -> dict[str, np.ndarray]:

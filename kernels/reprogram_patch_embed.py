@@ -24,10 +24,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
+from ._triton import tl, triton
 from .backend import use_triton
 
 # --------------------------------------------------------------------------------------------

@@ -32,11 +32,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ._triton import tl, triton
 from .backend import use_triton
 
 NORM_EPS = 1e-12  # F.normalize's default; the kernels spell it out as a literal

@@ -1,5 +1,33 @@
-"""Model reprogramming of CLIP text-image encoders (Reprogrammer and Residual Reprogrammer)."""
-from .clip import load_clip
-from .model import Reprogrammer
+"""Model reprogramming of CLIP text-image encoders (Reprogrammer and Residual Reprogrammer).
 
-__all__ = ["load_clip", "Reprogrammer"]
+Public API:
+- `load_clip(name, pretrained)`: an open_clip model and tokenizer;
+- `Reprogrammer(clip, tokenizer, classnames, ...)`: the classifier (`alpha > 0`: Residual);
+- `train(config, out)`, `evaluate(run_dir, out)`: what `reprogrammer train` / `eval` do;
+- `load_run(run_dir)`: the trained classifier of a run, at the run's alpha;
+- `export_onnx(classifier, path, ...)`: a verified ONNX classifier (needs the `export` extra).
+
+Names resolve on first use, so `reprogrammer.export.predict` (onnxruntime, numpy and PIL only)
+never imports torch.
+"""
+import importlib
+
+_PUBLIC = {
+    "load_clip": "reprogrammer.clip",
+    "Reprogrammer": "reprogrammer.model",
+    "train": "reprogrammer.api",
+    "evaluate": "reprogrammer.api",
+    "load_run": "reprogrammer.training.restore",
+    "export_onnx": "reprogrammer.export",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'reprogrammer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,18 +1,18 @@
 """`reprogrammer` command line: train, eval, export, predict, demo, bench."""
 import argparse
+import importlib
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 
 def _train(args) -> int:
-    from .config import load_config
-    from .engine import TrainingInterrupted, train
-    from .suites import build_train_data
+    from .api import train
+    from .training.engine import TrainingInterrupted
 
-    cfg = load_config(args.config, tuple(args.set))
     try:
-        summary = train(cfg, args.out, build_train_data(cfg), resume=args.resume)
+        summary = train(args.config, args.out, overrides=args.set, resume=args.resume)
     except TrainingInterrupted as stop:
         print(f"reprogrammer: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -22,9 +22,9 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .workflows import run_eval
+    from .api import evaluate
 
-    run_eval(args.checkpoint, args.out, which=args.which, config_path=args.config, overrides=args.set,
+    evaluate(args.checkpoint, args.out, which=args.which, config=args.config, overrides=args.set,
              progress=not args.quiet)
     return 0
 
@@ -32,10 +32,9 @@ def _eval(args) -> int:
 def _export(args) -> int:
     import numpy as np
 
-    from export import export_onnx
-
-    from .runs import load_run
-    from .suites import build_train_data
+    from .data.suites import build_train_data
+    from .export import export_onnx
+    from .training.restore import load_run
 
     classifier, cfg, meta = load_run(args.checkpoint, args.which)
     val = build_train_data(cfg).val
@@ -51,23 +50,26 @@ def _export(args) -> int:
 
 
 def _predict(args) -> int:
-    from export import predict_main
+    from .export import predict_main
 
     return predict_main(["--onnx", args.onnx, *args.images, "--batch-size", str(args.batch_size)])
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .shapeworld.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
     return 0
 
 
 def _bench(args) -> int:
-    if args.what == "kernels":
-        from bench.kernels import main
-    else:
-        from bench.train import main
+    # The benchmarks are scripts of the source checkout, not part of the installed package.
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "bench" / "__init__.py").is_file():
+        raise FileNotFoundError("the benchmarks live in the source checkout's bench/ folder; "
+                                "clone the repository and install it with `pip install -e .`")
+    sys.path.insert(0, str(checkout))
+    main = importlib.import_module(f"bench.{args.what}").main
     return main(args.rest) or 0
 
 

@@ -9,11 +9,11 @@ from typing import Optional
 
 import open_clip
 
+from .constants import CLIP_MEAN, CLIP_STD
+
 # `RP-ViT-Tiny` (tests) and `RP-ViT-Small` (the built-in default) are ordinary open_clip configs.
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cache_dir: Optional[str] = None):
@@ -35,15 +35,6 @@ def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cach
     model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir)
     model.eval()
     return model, open_clip.get_tokenizer(name)
-
-
-def load_pretrained(model_cfg, *, device="cpu"):
-    """`load_clip` for a run's `model` config section; `pretrained: shapeworld` is the built-in model."""
-    if model_cfg.pretrained == "shapeworld":
-        from .pretrain import load_shapeworld_clip
-
-        return load_shapeworld_clip(model_cfg.name, device=device)
-    return load_clip(model_cfg.name, model_cfg.pretrained, device=device)
 
 
 def image_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:

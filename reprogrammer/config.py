@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .methods.base import MethodConfig
+from .runtime import PRECISIONS
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -59,7 +60,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     #: covariate-shift and OOD sets as {registry name: root}; empty: the paper's sets for the ID
-    #: dataset (METHOD.md 7) found under `data.root`'s parent folder.
+    #: dataset (docs/method.md 7) found under `data.root`'s parent folder.
     covariate: dict = field(default_factory=dict)
     semantic: dict = field(default_factory=dict)
     #: ID test set {dataset: NAME, root: PATH} for datasets without a test split (imagefolder, csv).
@@ -80,7 +81,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        choices = {"train.precision": (self.train.precision, ("fp32", "amp_bf16", "amp_fp16")),
+        choices = {"train.precision": (self.train.precision, tuple(PRECISIONS)),
                    "train.compile": (self.train.compile, ("none", "model", "step"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -2,7 +2,7 @@
 import torch
 
 from reprogrammer.data import ArrayImageDataset
-from reprogrammer.engine import TrainData
+from reprogrammer.data.suites import TrainData
 
 CLASSNAMES = ["red", "green", "blue", "grey"]
 

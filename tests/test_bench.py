@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
 from bench import kernels as bench_kernels
 from bench import train as bench_train
-from bench.kernels import PatchEmbedCase, ResidualCase, patch_embed_work, residual_work, use_backend
+from bench.kernels import PatchEmbedCase, ResidualCase, patch_embed_work, residual_work
+from reprogrammer import kernels
 from reprogrammer.methods import MethodConfig
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
 from tests.helpers import tiny_clip
@@ -113,17 +113,6 @@ def test_interpret_flag_without_interpreter_says_how_to_fix(monkeypatch, tmp_pat
         bench_kernels.main(["--quick", "--interpret", "--out", str(tmp_path)])
 
 
-def test_use_backend_restores_the_callers_setting(monkeypatch):
-    monkeypatch.setenv("REPROGRAMMER_BACKEND", "torch")
-    with use_backend("triton"):
-        assert kernels.backend() == "triton"
-    assert os.environ["REPROGRAMMER_BACKEND"] == "torch"
-    monkeypatch.delenv("REPROGRAMMER_BACKEND")
-    with use_backend("torch"):
-        assert kernels.backend() == "torch"
-    assert "REPROGRAMMER_BACKEND" not in os.environ
-
-
 @cpu_only
 def test_train_quick_has_every_pipeline_and_ratio(tmp_path):
     assert bench_train.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -190,7 +179,7 @@ def test_authors_loss_and_delta_gradient_equal_reprogrammers():
         ours.image_delta.copy_(authors.image_delta)
     images = _pixels((7, 3, 32, 32), seed=4)
     labels = torch.tensor([3, 1, 3, 0, 9, 1, 3])  # duplicates: N prompts against the unique ones
-    with use_backend("torch"):
+    with kernels.use_backend("torch"):
         expected = ours.loss(torch.floor(images * 255) / 255, labels)
     loss = authors.loss(images, labels)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -12,8 +12,14 @@ import triton.testing
 
 from bench import harness
 from bench.harness import (
-    add_peak_fractions, add_speedups, environment_info, git_revision, measure_ceilings,
-    plot_throughput, time_fn, write_results,
+    add_peak_fractions,
+    add_speedups,
+    environment_info,
+    git_revision,
+    measure_ceilings,
+    plot_throughput,
+    time_fn,
+    write_results,
 )
 
 

@@ -9,8 +9,18 @@ from scipy.io import savemat
 from torch.utils.data import Subset
 from torchvision import transforms
 
-from reprogrammer.data import (CIFAR10_CLASSNAMES, DATASET_NAMES, PAPER_BENCHMARKS, DatasetLayoutError, ImageLoader,
-                               TooManySkippedError, build_dataset, collate_images, resize_center_crop, split_indices)
+from reprogrammer.data import (
+    CIFAR10_CLASSNAMES,
+    DATASET_NAMES,
+    PAPER_BENCHMARKS,
+    DatasetLayoutError,
+    ImageLoader,
+    TooManySkippedError,
+    build_dataset,
+    collate_images,
+    resize_center_crop,
+    split_indices,
+)
 
 RNG = np.random.default_rng(1234)
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from reprogrammer.demo import run_demo
-from reprogrammer.pretrain import PretrainConfig
+from reprogrammer.shapeworld.demo import run_demo
+from reprogrammer.shapeworld.pretrain import PretrainConfig
 
 # A shorter pretraining than the default (about a minute; ~30 % zero-shot ID accuracy).
 PRETRAIN = PretrainConfig(n_pairs=20_000, steps=400, warmup_steps=30, n_eval=400)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reprogrammer import checkpoint as ckpt
 from reprogrammer.config import ConfigError, load_config
-from reprogrammer.engine import TrainingDiverged, train
+from reprogrammer.training import checkpoint as ckpt
+from reprogrammer.training.engine import TrainingDiverged, train
 from tests.engine_data import train_data
 from tests.helpers import tiny_clip
 
@@ -82,7 +82,7 @@ SCRIPT = """
 import sys, time
 sys.path.insert(0, {root!r})
 from reprogrammer.config import load_config
-from reprogrammer.engine import train, TrainingInterrupted
+from reprogrammer.training.engine import train, TrainingInterrupted
 from tests.engine_data import train_data
 from tests.helpers import tiny_clip
 cfg = load_config(None, {overrides!r})

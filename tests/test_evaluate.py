@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from reprogrammer.data import ArrayImageDataset
-from reprogrammer.evaluate import EvalOptions, alpha_sweep, evaluate_classifier, reprogrammer_features
-from reprogrammer.suites import EvalSets
+from reprogrammer.data.suites import EvalSets
+from reprogrammer.evaluation.evaluate import EvalOptions, alpha_sweep, evaluate_classifier, reprogrammer_features
 from tests.helpers import CLASSNAMES, tiny_reprogrammer
 
 

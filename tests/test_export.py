@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-import export.graph
-import export.onnx
-import kernels
-from export import OnnxClassifier, load_image, predict_files, predict_main
-from export.onnx import export_onnx
-from export.verify import ExportVerificationError
+from reprogrammer import kernels
+from reprogrammer.export import OnnxClassifier, load_image, predict_files, predict_main
+from reprogrammer.export import graph as export_graph
+from reprogrammer.export import onnx as export_onnx_module
+from reprogrammer.export.onnx import export_onnx
+from reprogrammer.export.verify import ExportVerificationError
 from tests.helpers import CLASSNAMES, tiny_reprogrammer
 
 CANVAS = 32  # RP-ViT-Tiny's input size; tiny_reprogrammer uses up_resolution 20, mr_resolution 11
@@ -205,7 +205,7 @@ def test_fp16_export_within_tolerance(model, tmp_path):
 
 
 def test_large_weights_go_to_an_external_data_file(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(export.onnx, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(export_onnx_module, "EXTERNAL_DATA_BYTES", 0)
     path = tmp_path / "model.onnx"
     export_onnx(model, path, image_resolution=CANVAS, alpha=0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
@@ -218,7 +218,7 @@ def test_verification_refuses_a_wrong_graph_and_writes_nothing(model, tmp_path, 
         tokens = kernels.reprogram_patch_embed_ref(*args, **kwargs)
         return tokens + 0.1 * torch.linspace(0, 1, tokens.shape[-1])
 
-    monkeypatch.setattr(export.graph, "reprogram_patch_embed_ref", shifted)
+    monkeypatch.setattr(export_graph, "reprogram_patch_embed_ref", shifted)
     with pytest.raises(ExportVerificationError, match="disagrees with PyTorch on logits"):
         export_onnx(model, tmp_path / "model.onnx", image_resolution=13, alpha=0.4)
     assert list(tmp_path.iterdir()) == []

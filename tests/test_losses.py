@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from reprogrammer.losses import contrastive_focal_loss, focal_loss
-from reprogrammer.optim import warmup_cosine
+from reprogrammer.methods.losses import contrastive_focal_loss, focal_loss
+from reprogrammer.training.optim import warmup_cosine
 from tests.helpers import tiny_reprogrammer
 
 

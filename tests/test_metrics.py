@@ -4,10 +4,19 @@ import pytest
 import torch
 from scipy.stats import mannwhitneyu
 
-from reprogrammer.metrics import (OOD_METRIC_NAMES, energy_score, expected_calibration_error, max_logit_score,
-                                  mcm_score, mean_ood_metrics, ood_metrics, per_class_accuracy, restrict_to_classes,
-                                  roc_curve, topk_accuracy)
-
+from reprogrammer.evaluation.metrics import (
+    OOD_METRIC_NAMES,
+    energy_score,
+    expected_calibration_error,
+    max_logit_score,
+    mcm_score,
+    mean_ood_metrics,
+    ood_metrics,
+    per_class_accuracy,
+    restrict_to_classes,
+    roc_curve,
+    topk_accuracy,
+)
 
 # ----------------------------------------------------------------------------- brute-force references
 

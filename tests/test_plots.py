@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reprogrammer.plots import plot_alpha_sweep, plot_roc_curves, plot_score_histograms
+from reprogrammer.evaluation.plots import plot_alpha_sweep, plot_roc_curves, plot_score_histograms
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reprogrammer import pretrain, shapeworld
-from reprogrammer.clip import CLIP_MEAN, CLIP_STD
+from reprogrammer.constants import CLIP_MEAN, CLIP_STD
+from reprogrammer.shapeworld import pretrain
+from reprogrammer.shapeworld import world as shapeworld
 
 # A CLIP small enough to pretrain in about a second; its context fits every pretraining caption.
 MICRO = {

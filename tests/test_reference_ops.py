@@ -1,9 +1,9 @@
-"""The reference ops against a straightforward numpy computation of METHOD.md section 1."""
+"""The reference ops against a straightforward numpy computation of docs/method.md section 1."""
 import numpy as np
 import pytest
 import torch
 
-import kernels
+from reprogrammer import kernels
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

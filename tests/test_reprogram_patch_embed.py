@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN as MEAN
 from open_clip.constants import OPENAI_DATASET_STD as STD
 
-import kernels
-from kernels.backend import triton_interpreting
-from kernels.reprogram_patch_embed import reprogram_patch_embed_backward
+from reprogrammer import kernels
+from reprogrammer.kernels.backend import triton_interpreting
+from reprogrammer.kernels.reprogram_patch_embed import reprogram_patch_embed_backward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,8 +3,8 @@ written out here, gradients included, plus torch.compile and a CUDA-only precisi
 import pytest
 import torch
 
-import kernels
-from kernels.backend import triton_interpreting
+from reprogrammer import kernels
+from reprogrammer.kernels.backend import triton_interpreting
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
-from reprogrammer import telemetry
-from reprogrammer.telemetry import METRICS, GpuTelemetry, nvml_driver_version
+from reprogrammer.training import telemetry
+from reprogrammer.training.telemetry import METRICS, GpuTelemetry, nvml_driver_version
 
 
 class FakeNvml:

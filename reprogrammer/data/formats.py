@@ -120,7 +120,7 @@ def read_svhn(directory: Path, split: str):
     try:
         from scipy.io import loadmat
     except ImportError as error:
-        raise ImportError("reading SVHN's .mat files needs scipy: pip install scipy") from error
+        raise ImportError("reading SVHN's .mat files needs scipy: pip install 'reprogrammer[datasets]'") from error
     path = require_file(directory / f"{split}_32x32.mat")
     try:
         content = loadmat(path)

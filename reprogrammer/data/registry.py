@@ -1,4 +1,4 @@
-"""`build_dataset(name, root, split)`: every dataset of METHOD.md section 7, plus users' own data.
+"""`build_dataset(name, root, split)`: every dataset of docs/method.md section 7, plus users' own data.
 
 Each entry knows where its files live under `root` (the dataset's own folder, or a folder
 holding it under its usual name) and the layout shown when they are not found.
@@ -10,9 +10,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import (WNID_PATTERN, DatasetLayoutError, apply_classnames_file, imagenet_classnames, imagenet_wnids,
-                      list_class_folders, list_image_files, read_cifar10, read_cifar10_1, read_cifar100,
-                      read_csv_listing, read_stl10_in_cifar10_order, read_svhn)
+from .formats import (
+    WNID_PATTERN,
+    DatasetLayoutError,
+    apply_classnames_file,
+    imagenet_classnames,
+    imagenet_wnids,
+    list_class_folders,
+    list_image_files,
+    read_cifar10,
+    read_cifar10_1,
+    read_cifar100,
+    read_csv_listing,
+    read_stl10_in_cifar10_order,
+    read_svhn,
+)
 from .images import ArrayImageDataset, FileImageDataset, ImageDataset
 
 
@@ -217,7 +229,7 @@ _SPECS = [
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
 DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
 
-# METHOD.md section 7: the paper's evaluation sets for each in-distribution dataset.
+# docs/method.md section 7: the paper's evaluation sets for each in-distribution dataset.
 PAPER_BENCHMARKS = {
     "cifar10": {"shift": ("cifar10.1", "stl10"), "ood": ("svhn", "isun", "lsun", "textures", "places365")},
     "imagenet": {"shift": ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch"),

@@ -1,4 +1,4 @@
-"""CoOp: learned prompt context shared by all classes, frozen CLIP (METHOD.md 6; Zhou et al. 2022).
+"""CoOp: learned prompt context shared by all classes, frozen CLIP (docs/method.md 6; Zhou et al. 2022).
 
 The prompt of class `c` is `[SOS] ctx_1 .. ctx_n classname . [EOS]`: the tokenizer encodes
 `"X X .. X classname."` and the embeddings of the `n` placeholder X tokens are replaced by the
@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import encode_text_embeddings, text_tower
-from ..optim import scheduled
+from ..state import load_checked
+from ..towers import encode_text_embeddings, text_tower
+from ..training.optim import scheduled
 from .base import Classifier, MethodConfig
-from ..checkpoint import load_checked
 from .features import ImageTower
 from .linear import or_default
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from .. import kernels
 from ..clip import image_normalisation
-from ..model import check_pixel_range
+from ..towers import check_pixel_range
 
 
 def canvas_size(visual: nn.Module) -> int:

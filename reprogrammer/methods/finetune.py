@@ -1,4 +1,4 @@
-"""Full fine-tuning and the robust fine-tuning references LP-FT and WiSE-FT (METHOD.md 6).
+"""Full fine-tuning and the robust fine-tuning references LP-FT and WiSE-FT (docs/method.md 6).
 
 All three train a private copy of the image tower plus a linear head on normalised features;
 the text tower only provides the zero-shot head and the caller's CLIP is never modified.
@@ -9,10 +9,16 @@ between the zero-shot and the fine-tuned endpoint without retraining.
 """
 import torch
 
-from ..optim import check_schedule
+from ..training.optim import check_schedule
 from .base import MethodConfig
-from .linear import (LinearHeadClassifier, LinearProbeClassifier, linear_probe_optimizer, or_default, step_decay,
-                     step_scheduled)
+from .linear import (
+    LinearHeadClassifier,
+    LinearProbeClassifier,
+    linear_probe_optimizer,
+    or_default,
+    step_decay,
+    step_scheduled,
+)
 
 
 def fine_tune_optimizer(classifier: LinearHeadClassifier, cfg: MethodConfig) -> torch.optim.Optimizer:

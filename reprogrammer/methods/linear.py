@@ -1,4 +1,4 @@
-"""Linear heads on L2-normalised CLIP image features, and the linear probe (METHOD.md 6).
+"""Linear heads on L2-normalised CLIP image features, and the linear probe (docs/method.md 6).
 
 Zero-shot, linear probing and the fine-tuning family all classify with
 `logits = head(normalize(image_features))`. A head started at `s * T` (the zero-shot text
@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..optim import check_schedule
+from ..state import load_checked
+from ..training.optim import check_schedule
 from .base import Classifier, MethodConfig
-from ..checkpoint import load_checked
 from .features import ImageTower, zero_shot_text_features
 
 #: The authors' step schedule: the LR multiplier becomes 0.5, then 0.2, then 0.1 of the base LR

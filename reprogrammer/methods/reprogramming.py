@@ -1,12 +1,13 @@
-"""Reprogrammer as a method: the paper's loss, optimisers and schedule (METHOD.md 1-4)."""
+"""Reprogrammer as a method: the paper's loss, optimisers and schedule (docs/method.md 1-4)."""
 import torch
 
-import kernels
-from ..distributed import gather_batch
-from ..losses import contrastive_focal_loss
-from ..model import Reprogrammer, text_tower
-from ..optim import reprogrammer_optimizers, scheduled
+from .. import kernels
+from ..model import Reprogrammer
+from ..towers import text_tower
+from ..training.distributed import gather_batch
+from ..training.optim import reprogrammer_optimizers, scheduled
 from .base import Classifier, MethodConfig
+from .losses import contrastive_focal_loss
 
 
 class ReprogrammerClassifier(Reprogrammer, Classifier):

@@ -1,4 +1,4 @@
-"""Zero-shot CLIP: the class prompts' text features as a frozen linear head (METHOD.md 6)."""
+"""Zero-shot CLIP: the class prompts' text features as a frozen linear head (docs/method.md 6)."""
 from .base import MethodConfig
 from .linear import LinearHeadClassifier
 

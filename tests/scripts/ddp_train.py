@@ -2,7 +2,7 @@
 import sys
 
 from reprogrammer.config import load_config
-from reprogrammer.engine import train
+from reprogrammer.training.engine import train
 from tests.engine_data import train_data
 from tests.helpers import tiny_clip
 

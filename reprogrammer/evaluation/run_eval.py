@@ -1,13 +1,20 @@
 """What the `train`, `eval` and `demo` commands do, as functions."""
 import logging
 
+from ..model import Reprogrammer
+from ..runtime import resolve_device
+from ..training.distributed import DistInfo
 from . import metrics
-from .engine import resolve_device
-from .distributed import DistInfo
-from .evaluate import (EvalOptions, alpha_sweep, dataset_line, evaluate_classifier, evaluate_wise_ft, pick_alpha,
-                       reprogrammer_features)
-from .model import Reprogrammer
-from .report import write_report
+from .evaluate import (
+    EvalOptions,
+    alpha_sweep,
+    dataset_line,
+    evaluate_classifier,
+    evaluate_wise_ft,
+    pick_alpha,
+    reprogrammer_features,
+)
+from .reports import write_report
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +80,9 @@ def finish_report(results: dict, extras: dict, out_dir, *, title: str, notes: st
 
 
 def run_eval(run_dir, out_dir, *, which="best", config_path=None, overrides=(), progress=True) -> dict:
-    from .config import load_config
-    from .runs import load_run
-    from .suites import build_eval_sets
+    from ..config import load_config
+    from ..data.suites import build_eval_sets
+    from ..training.restore import load_run
 
     classifier, cfg, meta = load_run(run_dir, which)
     if config_path or overrides:

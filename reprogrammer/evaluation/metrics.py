@@ -1,4 +1,4 @@
-"""Classification accuracy, calibration, OOD scores and OOD-detection metrics (METHOD.md section 5).
+"""Classification accuracy, calibration, OOD scores and OOD-detection metrics (docs/method.md section 5).
 
 Everything here is plain numpy; torch tensors are accepted and converted. Conventions for OOD
 detection: in-distribution (ID) samples are the positives and a higher score means "more ID".
@@ -194,7 +194,7 @@ def _metrics_from_sorted(id_sorted: np.ndarray, ood_sorted: np.ndarray) -> dict[
 
 
 def fpr95_index(n_id: int) -> int:
-    """Index of the FPR95 threshold in the ascending-sorted ID scores (METHOD.md 5)."""
+    """Index of the FPR95 threshold in the ascending-sorted ID scores (docs/method.md 5)."""
     return round(0.05 * n_id)
 
 

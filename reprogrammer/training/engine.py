@@ -12,7 +12,6 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,17 +20,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..config import Config, ConfigError, to_dict
+from ..data.images import base_dataset, collate_images
+from ..data.suites import TrainData
+from ..files import write_json_atomically
+from ..methods import TrainingObjective, build_method
+from ..runtime import autocast, resolve_device, to_float_images
 from . import checkpoint as ckpt
-from .clip import load_pretrained
-from .config import Config, ConfigError, to_dict
-from .data.images import base_dataset, collate_images
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
-from .methods import TrainingObjective, build_method
 from .telemetry import GpuTelemetry
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -42,37 +41,6 @@ class TrainingInterrupted(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-@dataclass
-class TrainData:
-    train: torch.utils.data.Dataset
-    val: Optional[torch.utils.data.Dataset]
-    classnames: list
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def to_float_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 batches cross to the device as bytes and are scaled there."""
-    images = images.to(device, non_blocking=True)
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 @torch.no_grad()
@@ -117,12 +85,13 @@ def _memory_mb(device) -> Optional[float]:
     return None
 
 
-def train(cfg: Config, run_dir, data: TrainData, *, resume: bool = False, clip=None, progress: bool = True) -> dict:
-    """Train `cfg.method` on `data`; returns the summary also written to `RUN_DIR/summary.json`."""
+def train(cfg: Config, run_dir, data: TrainData, *, clip, resume: bool = False, progress: bool = True) -> dict:
+    """Train `cfg.method` on `data` from `clip = (model, tokenizer)` (see `training.restore.clip_from_config`);
+    returns the summary also written to `RUN_DIR/summary.json`."""
     run_dir = Path(run_dir)
     tcfg = cfg.train
     info = init_distributed("cuda" if tcfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    device = resolve_device(tcfg.device, info)
+    device = resolve_device(tcfg.device, info.local_rank)
     try:
         return _train(cfg, run_dir, data, resume, clip, progress, info, device)
     finally:
@@ -136,10 +105,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
                           f"x train.grad_accum={tcfg.grad_accum}")
     micro_batch = tcfg.batch_size // (info.world_size * tcfg.grad_accum)
     torch.manual_seed(tcfg.seed)
-    if clip is None:
-        clip, tokenizer = load_pretrained(cfg.model, device=device)
-    else:
-        clip, tokenizer = clip
+    clip, tokenizer = clip
     classifier = build_method(clip, tokenizer, data.classnames, cfg.method).to(device)
     if not classifier.trainable:
         raise ConfigError(f"method {cfg.method.name!r} has nothing to train; evaluate it directly")
@@ -252,7 +218,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     summary = _summary(cfg, run_dir, state, total_steps, images_seen, elapsed)
     summary["gpu_telemetry"] = telemetry.summary() if isinstance(telemetry, GpuTelemetry) else None
     if info.is_main:
-        ckpt._write_json_atomic(run_dir / "summary.json", summary)
+        write_json_atomically(run_dir / "summary.json", summary)
     return summary
 
 

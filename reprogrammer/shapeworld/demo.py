@@ -9,15 +9,15 @@ import json
 import time
 from pathlib import Path
 
-from .config import load_config
-from .engine import train
-from .methods import build_method
+from ..config import load_config
+from ..data.suites import build_eval_sets, build_train_data
+from ..evaluation.run_eval import eval_options, evaluate_method, finish_report
+from ..methods import build_method
+from ..training.engine import train
+from ..training.restore import load_run
 from .pretrain import cached_report, load_shapeworld_clip
-from .runs import load_run
-from .suites import build_eval_sets, build_train_data
-from .workflows import eval_options, evaluate_method, finish_report
 
-# Epochs per method: the authors' recipes (METHOD.md 3 and 6) at the scale of a 4000-image task.
+# Epochs per method: the authors' recipes (docs/method.md 3 and 6) at the scale of a 4000-image task.
 METHOD_EPOCHS = {"linear-probe": 10, "fine-tune": 4, "lp-ft": 6, "wise-ft": 4, "reprogrammer": 10}
 QUICK_EPOCHS = {**{name: 2 for name in METHOD_EPOCHS}, "reprogrammer": 10}
 
@@ -73,7 +73,7 @@ def run_demo(out_dir, *, quick: bool = False, progress: bool = True, pretrain_co
 def _export(classifier, cfg, data, meta, out: Path) -> None:
     import numpy as np
 
-    from export import export_onnx
+    from ..export import export_onnx
 
     calibration = np.stack([data.val[i][0].numpy() for i in range(len(data.val))]).astype(np.float32) / 255
     export_onnx(classifier, out / "residual_reprogrammer.onnx", image_resolution=meta["image_resolution"],

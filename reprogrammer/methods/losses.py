@@ -1,4 +1,4 @@
-"""The paper's loss (METHOD.md section 3): a two-direction contrastive focal loss."""
+"""The paper's loss (docs/method.md section 3): a two-direction contrastive focal loss."""
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""Holistic evaluation (METHOD.md 5): ID accuracy, OOD generalisation, OOD detection, in one run.
+"""Holistic evaluation (docs/method.md 5): ID accuracy, OOD generalisation, OOD detection, in one run.
 
 Each dataset is encoded once per model. For Reprogrammer the reprogrammed and the zero-shot
 image features are both kept, so every alpha of Residual Reprogrammer is a cheap blend of
@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import kernels
+from .. import kernels
+from ..data import ImageLoader
+from ..data.suites import EvalSets
+from ..model import Reprogrammer
+from ..runtime import autocast, to_float_images
 from . import metrics
-from .data import ImageLoader
-from .engine import autocast, to_float_images
-from .model import Reprogrammer
-from .suites import EvalSets
 
 SCORES = {
     "mcm": lambda logits, temperature: metrics.mcm_score(logits, temperature),

@@ -1,15 +1,24 @@
 """The datasets of a run: training and validation splits, and the evaluation suite
-(ID test set, covariate-shift sets, semantic-shift OOD sets) of METHOD.md section 7."""
+(ID test set, covariate-shift sets, semantic-shift OOD sets) of docs/method.md section 7."""
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from .config import Config
-from .data import DATASETS, PAPER_BENCHMARKS, ArrayImageDataset, build_dataset, split_indices
-from .engine import TrainData
+from ..config import Config
+from .images import ArrayImageDataset
+from .registry import DATASETS, PAPER_BENCHMARKS, build_dataset
+from .splits import split_indices
+
+
+@dataclass
+class TrainData:
+    train: Dataset
+    val: Optional[Dataset]
+    classnames: list
 
 
 @dataclass
@@ -28,7 +37,7 @@ class EvalSets:
 
 @functools.lru_cache(maxsize=2)
 def _shapeworld(seed: int, n_train: int, n_test: int):
-    from .shapeworld import downstream_benchmark
+    from ..shapeworld.world import downstream_benchmark
 
     n_val = max(1, n_train // 9)
     return downstream_benchmark(seed=seed, resolution=24, n_train=n_train, n_val=n_val, n_test=n_test,

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,12 +24,13 @@ import torch
 from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
-import kernels
-from . import shapeworld
-from .clip import image_normalisation, load_clip, save_clip
-from .methods.features import ImageTower, canvas_size, zero_shot_text_features
-from .model import DEFAULT_TEMPLATE
-from .optim import scheduled
+from .. import kernels
+from ..clip import image_normalisation, load_clip, save_clip
+from ..constants import DEFAULT_TEMPLATE
+from ..files import write_atomically
+from ..methods.features import ImageTower, canvas_size, zero_shot_text_features
+from ..training.optim import scheduled
+from . import world as shapeworld
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp on the learned temperature
 MAX_THREADS = 8  # a model this small stops scaling beyond a few cores
@@ -272,19 +272,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(temp_path)`, then rename over `path`: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(temp))
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _default_config(name: str, config: Optional[PretrainConfig]) -> PretrainConfig:
     if config is None:
         return dataclasses.replace(PretrainConfig(), model=name)
@@ -334,6 +321,6 @@ def load_shapeworld_clip(name: str = "RP-ViT-Small", device="cpu", *, config: Op
         save_clip(model, temp)
         report["weights_sha256"] = _sha256(temp)
 
-    _write_atomically(weights_path, write_weights)
-    _write_atomically(report_path, lambda temp: temp.write_text(json.dumps(report, indent=1)))
+    write_atomically(weights_path, write_weights)
+    write_atomically(report_path, lambda temp: temp.write_text(json.dumps(report, indent=1)))
     return model.to(device).eval(), tokenizer

@@ -23,20 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..files import write_json_atomically
+
 FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _contiguous(tensors: dict) -> dict:
@@ -108,14 +101,14 @@ def save_checkpoint(run_dir: Path, step: int, classifier, optimizers, schedulers
     })
     save_file(_contiguous(classifier.learned_state()), str(tmp / "learned.safetensors"))
     save_file(_contiguous(training_tensors), str(tmp / "training.safetensors"))
-    _write_json_atomic(tmp / "meta.json", meta)
+    write_json_atomically(tmp / "meta.json", meta)
     final = root / name
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_json_atomic(root / "latest.json", {"checkpoint": name, "step": step})
+    write_json_atomically(root / "latest.json", {"checkpoint": name, "step": step})
     if best:
-        _write_json_atomic(root / "best.json", {"checkpoint": name, "step": step,
+        write_json_atomically(root / "best.json", {"checkpoint": name, "step": step,
                                                 "val_accuracy": meta.get("val_accuracy")})
     _prune(root, keep)
     return final
@@ -137,25 +130,6 @@ def _pointer(root: Path, which: str) -> Optional[str]:
         return json.loads(path.read_text())["checkpoint"]
     except (json.JSONDecodeError, KeyError) as error:
         raise CheckpointError(f"{path} is corrupt ({error}); delete it to fall back to the step directories") from error
-
-
-@torch.no_grad()
-def load_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], method: str) -> None:
-    """Copy `state` into the tensors `targets` after checking that keys and shapes match."""
-    if set(state) != set(targets):
-        missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-        raise ValueError(
-            f"checkpoint does not fit a {method} classifier: missing {missing[:5]}, unexpected {unexpected[:5]} "
-            "(was it saved by another method or another architecture?)"
-        )
-    for key, target in targets.items():
-        if state[key].shape != target.shape:
-            raise ValueError(
-                f"checkpoint tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}: "
-                "it was trained for another architecture or class set"
-            )
-    for key, target in targets.items():
-        target.copy_(state[key])
 
 
 def find_checkpoint(run_dir, which: str = "latest") -> Path:

@@ -1,8 +1,9 @@
 """Evaluation reports: `report.json` for machines, `report.md` and plots for people."""
 import json
+import logging
 from pathlib import Path
 
-from . import plots
+log = logging.getLogger(__name__)
 
 PAPER_ORDER = ["zero-shot", "linear-probe", "fine-tune", "lp-ft", "wise-ft", "coop", "reprogrammer-image",
                "reprogrammer-text", "reprogrammer", "residual-reprogrammer"]
@@ -60,6 +61,11 @@ def write_report(report: dict, out_dir, *, id_scores=None, ood_scores=None) -> d
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["markdown"].write_text(markdown(report))
+    try:
+        from . import plots
+    except ImportError:
+        log.warning("no plots in %s: matplotlib is not installed (pip install 'reprogrammer[plots]')", out)
+        return paths
     if id_scores is not None and ood_scores:
         paths["roc"] = plots.plot_roc_curves(id_scores, ood_scores, out / "roc.png", title="ROC, MCM score")
         paths["histograms"] = plots.plot_score_histograms(id_scores, ood_scores, out / "score_histograms.png",

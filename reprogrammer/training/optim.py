@@ -1,4 +1,4 @@
-"""Optimisers and the warm-up + cosine schedule of the authors' runs (METHOD.md section 3)."""
+"""Optimisers and the warm-up + cosine schedule of the authors' runs (docs/method.md section 3)."""
 import math
 
 import torch

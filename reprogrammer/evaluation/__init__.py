@@ -1,0 +1,1 @@
+"""Evaluation: ID accuracy, OOD generalisation and OOD detection metrics, reports and plots."""

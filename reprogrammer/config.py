@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .constants import MCM_TEMPERATURE
 from .methods.base import MethodConfig
 from .runtime import PRECISIONS
 
@@ -67,7 +68,7 @@ class EvalConfig:
     test: dict = field(default_factory=dict)
     alphas: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     batch_size: int = 256
-    temperature: float = 0.01
+    temperature: float = MCM_TEMPERATURE
     bootstrap: int = 0
     num_workers: int = 2
 

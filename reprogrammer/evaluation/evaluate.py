@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .. import kernels
+from ..constants import MCM_TEMPERATURE
 from ..data import ImageLoader
 from ..data.suites import EvalSets
 from ..model import Reprogrammer
@@ -30,7 +31,7 @@ class EvalOptions:
     device: torch.device
     precision: str = "fp32"
     batch_size: int = 256
-    temperature: float = 0.01
+    temperature: float = MCM_TEMPERATURE
     bootstrap: int = 0
     num_workers: int = 0
     progress: bool = True

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..constants import MCM_TEMPERATURE
 from ..state import load_checked
 from ..towers import encode_text_embeddings, text_tower
 from ..training.optim import scheduled
@@ -66,7 +67,7 @@ class CoOpClassifier(Classifier):
 
     @property
     def score_temperature(self) -> float:
-        return 0.01 * self.logit_scale
+        return MCM_TEMPERATURE * self.logit_scale
 
     # The frozen CLIP stays in eval mode whatever the wrapper's mode.
     def train(self, mode: bool = True):

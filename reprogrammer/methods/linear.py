@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..constants import MCM_TEMPERATURE
 from ..state import load_checked
 from ..training.optim import check_schedule
 from .base import Classifier, MethodConfig
@@ -69,7 +70,7 @@ class LinearHeadClassifier(Classifier):
 
     @property
     def score_temperature(self) -> float:
-        return 0.01 * self.logit_scale if self.zero_shot_head else 1.0
+        return MCM_TEMPERATURE * self.logit_scale if self.zero_shot_head else 1.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(F.normalize(self.image_tower(images), dim=-1))

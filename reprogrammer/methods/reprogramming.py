@@ -2,6 +2,7 @@
 import torch
 
 from .. import kernels
+from ..constants import MCM_TEMPERATURE
 from ..model import Reprogrammer
 from ..towers import text_tower
 from ..training.distributed import gather_batch
@@ -22,7 +23,7 @@ class ReprogrammerClassifier(Reprogrammer, Classifier):
 
     @property
     def score_temperature(self) -> float:
-        return 0.01 * self.logit_scale.item()
+        return MCM_TEMPERATURE * self.logit_scale.item()
 
     def frozen_towers(self):
         return [self.clip.visual.transformer, text_tower(self.clip)[0].transformer]

@@ -396,3 +396,46 @@ def residual_scores(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale
         img_rp, img_zs.to(dtype), blend(txt_rp, txt_zs, alpha).to(dtype), scale, float(alpha),
         float(temperature), return_logits)
     return ResidualScores(prediction, mcm, energy, max_cos, logits if return_logits else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline compile cases (bench/compile_report.py): the launchers' configurations at a shape
+# ---------------------------------------------------------------------------------------------
+_TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def sm90_cases(batch: int, classes: int, dim: int, dtype: str) -> list[dict]:
+    """The logits and scores kernels as the launchers would run them at `[batch, dim]` images and
+    `[classes, dim]` texts in `dtype` ("bf16" / "fp32"), in `bench.compile_report`'s case format."""
+    t = _TRITON_TYPES[dtype]
+    size = 2 if dtype != "fp32" else 4
+    prec = "tf32" if dtype != "fp32" else "ieee"  # fp32 at PyTorch's default "highest"
+    B, C, D = batch, classes, dim
+    div = [n for n, v in (("B", B), ("C", C), ("D", D)) if v % 16 == 0]
+    features = (2 * B * D + C * D) * size
+    bb, bc, bk = _block(B, 16, 64), _block(C, 16, 128), _block(D, 16, 64)
+    logits = dict(
+        name="residual_logits", kernel=_residual_logits_kernel,
+        signature={"img_rp_ptr": f"*{t}", "img_zs_ptr": f"*{t}", "txt_ptr": f"*{t}", "out_ptr": f"*{t}",
+                   "B": "i32", "C": "i32", "D": "i32", "alpha": "fp32", "USE_RP": "constexpr",
+                   "USE_ZS": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_B": "constexpr",
+                   "BLOCK_C": "constexpr", "BLOCK_K": "constexpr"},
+        constexprs=dict(USE_RP=True, USE_ZS=True, DOT_PRECISION=prec, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk),
+        num_warps=_num_warps(bb, bc), num_stages=3, flops=2 * B * C * D, bytes=features + B * C * size,
+        grid=(triton.cdiv(B, bb), triton.cdiv(C, bc)), outputs=B * C, trips=triton.cdiv(D, bk),
+        divisible_by_16=div)
+    sb = 32 if triton.cdiv(B, 32) >= MIN_SCORE_PROGRAMS else 16
+    scores = dict(
+        name="residual_scores", kernel=_residual_scores_kernel,
+        signature={"img_rp_ptr": f"*{t}", "img_zs_ptr": f"*{t}", "txt_ptr": f"*{t}", "scale_ptr": "*fp32",
+                   "prediction_ptr": "*i64", "mcm_ptr": "*fp32", "energy_ptr": "*fp32", "max_ptr": "*fp32",
+                   "logits_ptr": f"*{t}", "B": "i32", "C": "i32", "D": "i32", "alpha": "fp32",
+                   "temperature": "fp32", "USE_RP": "constexpr", "USE_ZS": "constexpr",
+                   "STORE_LOGITS": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_B": "constexpr",
+                   "BLOCK_C": "constexpr", "BLOCK_K": "constexpr"},
+        constexprs=dict(USE_RP=True, USE_ZS=True, STORE_LOGITS=False, DOT_PRECISION=prec, BLOCK_B=sb,
+                        BLOCK_C=bc, BLOCK_K=bk),
+        num_warps=_num_warps(sb, bc), num_stages=3, flops=2 * B * C * D, bytes=features + B * 20,
+        grid=(triton.cdiv(B, sb),), outputs=B * C, trips=triton.cdiv(C, bc) * triton.cdiv(D, bk), outer_trips=triton.cdiv(C, bc),
+        divisible_by_16=div)
+    return [logits, scores]

@@ -204,11 +204,15 @@ def facts_of(case: dict, ptxas: str, sass: str, smem: int) -> dict:
     loops = [l for l in facts["loops"] if l["instructions"] > 1]  # `BRA` to itself: the exit trap
     facts["loops"] = loops
     mma_loops = [l for l in loops if l["counts"]["hgmma"] or l["counts"]["hmma"]]
-    hot = mma_loops[0] if mma_loops else max(loops, key=lambda l: l["counts"]["ffma"], default=None)
+    most_ffma = max((l["counts"]["ffma"] for l in loops), default=0)
+    hot = mma_loops[0] if mma_loops else next(
+        (l for l in loops if most_ffma and l["counts"]["ffma"] >= most_ffma / 2), None)
     outer = None
     if hot is not None:
         enclosing = [l for l in loops if l["first"] <= hot["first"] and l["last"] >= hot["last"] and l is not hot]
         outer = min(enclosing, key=lambda l: l["instructions"], default=None)
+    if facts["mma"] == "FFMA" and not (hot and hot["counts"]["ffma"] >= 64):
+        facts["mma"] = "none"  # a few FMAs of index or softmax maths, no dot
     facts["inner_loop_instructions"] = hot["instructions"] if hot else None
     facts["inner_loop_counts"] = hot["counts"] if hot else None
     facts["outer_loop_instructions"] = outer["instructions"] if outer else None

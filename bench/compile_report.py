@@ -29,6 +29,7 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -362,7 +363,6 @@ def environment() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    import os
     commit = os.environ.get("REPROGRAMMER_GIT_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -370,14 +370,28 @@ def environment() -> dict:
             "target": "cuda sm_90a (GPUTarget('cuda', 90, 32))"}
 
 
+def _compiler_mode() -> None:
+    """Kernels decorated while `TRITON_INTERPRET=1` are interpreter functions that cannot be
+    compiled: drop the variable when no kernel module is imported yet, else stop with a note."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    loaded = [name for name in sys.modules if name.endswith(("kernels.residual_logits",
+                                                             "kernels.reprogram_patch_embed"))]
+    if loaded:
+        raise SystemExit("bench.compile_report: TRITON_INTERPRET is set and the kernels are already "
+                         "defined for the interpreter; run it in a fresh process without TRITON_INTERPRET")
+    del os.environ["TRITON_INTERPRET"]
+
+
 def run(args) -> int:
+    _compiler_mode()
     notes: list[str] = []
     env = environment()
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for family, shape, dtype, case in collect_cases(args.quick, notes):
             label = f"{case['name']} {shape} {dtype}"
-            if args.filter and not re.search(args.filter, label):
+            if args.filter and not re.search(args.filter, f"{family} {label}"):
                 continue
             workdir = Path(args.keep or tmp) / re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
             try:
@@ -412,7 +426,8 @@ def run(args) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="reprogrammer bench compile", description=__doc__.splitlines()[0])
-    parser.add_argument("filter", nargs="?", default="", help="regular expression on '<kernel> <shape> <dtype>'")
+    parser.add_argument("filter", nargs="?", default="", help="regular expression on '<family> <kernel> <shape> <dtype>', family "
+                        "'residual' or 'patch-embed', e.g. '^residual .*bf16'")
     parser.add_argument("--quick", action="store_true",
                         help=f"one small residual shape {QUICK_RESIDUAL}, bf16 only (CI)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"),

@@ -66,6 +66,8 @@ def _demo(args) -> int:
 def _bench(args) -> int:
     if args.what == "kernels":
         from bench.kernels import main
+    elif args.what == "compile":
+        from bench.compile_report import main
     else:
         from bench.train import main
     return main(args.rest) or 0
@@ -114,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels or train")
-    bench.add_argument("what", choices=["kernels", "train"])
+    bench = sub.add_parser("bench", help="benchmarks: kernels, train, or compile (offline sm_90a report)")
+    bench.add_argument("what", choices=["kernels", "train", "compile"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after it)")
     bench.set_defaults(func=_bench)
     return parser

@@ -6,11 +6,55 @@
     cos = img @ txt.T                                       # [B, C]
     logits = logit_scale * cos
 
-`norm` is `F.normalize` (rows divided by `max(||row||, 1e-12)`). The text side is tiny and is
-blended in PyTorch once per call; the image side never exists as a tensor on the Triton path:
-each program computes the inverse row norms of its `img_rp` / `img_zs` rows, then blends
-them while loading the GEMM's A operand. Accumulation is fp32; the dot's inputs are in the
-features' dtype (fp32 dots use TF32 only when `torch.get_float32_matmul_precision()` allows it).
+`norm` is `F.normalize` (rows divided by `max(||row||, 1e-12)`). The text side is tiny: it is
+blended in PyTorch once per call, and in evaluation (no gradient to it) cached across calls,
+keyed on the text tensors' identity and `_version` counters, `alpha` and the scale
+(`_TextBlendCache`). The image side never exists as a tensor: each program computes the
+inverse row norms of its `img_rp` / `img_zs` rows, then blends its row block ONCE, keeps it on
+chip and sweeps its classes against it (`_plan` picks the sizes):
+
+- bf16 / fp16 (and fp32 under TF32, kept only when it fits): 64-row blocks, the m64 tile of an sm_90 warpgroup, so
+  `tl.dot` becomes wgmma. The block, `[64, D]` in up to four column chunks, stays in shared
+  memory (read into registers by ldmatrix for register-A wgmma) while the class tiles stream
+  by, the next tile's text loaded ahead (2 stages) where shared memory allows.
+- IEEE fp32 (PyTorch's default "highest") runs on FMAs, where the blend is 2 / BLOCK_C of the
+  work: the block is streamed, blended per class tile as the A operand of a K loop (32 rows).
+- Programs: one per 64-row block, the classes split into groups across programs only as far as
+  needed to give every SM one (B = 4096: 64 blocks x 2 groups = 128 programs on 132 SMs, each
+  block blended twice instead of once per 128-class tile). The scores kernel keeps an online
+  softmax per group; `_combine_scores_kernel` merges the groups (argmax: the first of ties).
+
+sm_90a evidence (H200), B = 4096, C = 1000, alpha = 0.4: COMPILED OFFLINE, NOT MEASURED
+(`python -m bench.compile_report`, triton 3.8 for `GPUTarget("cuda", 90, 32)`, the wheel's
+ptxas; results in bench/results/compile-sm90a-offline-*.md). "instr/out" is warp-instructions
+per output element (hot-loop SASS x trips x warps / outputs per program), "LDG/out" global
+load instructions per output element; "bound" is the compulsory traffic (features read once,
+logits or four per-row scores written) against 4.3 TB/s and the FLOPs 2BCD against 790
+TFLOP/s bf16 or 67 TFLOP/s fp32 FMA, whichever is larger. No spills anywhere.
+
+    kernel  D    dtype  | before: regs smem  CTA/SM MMA           instr/out LDG/out | after: regs smem  CTA/SM MMA           instr/out LDG/out | bound
+    logits  512  bf16   |         112  88K   2      HGMMA.64x64x16  2.65      0.084   |        175  200K  1      HGMMA.64x64x16  0.96      0.046   |  5.3 us compute (17.6 MB: 4.1 us)
+    scores  512  bf16   |         128  52K   2      HMMA.16816      3.54      0.124   |        182  192K  1      HGMMA.64x64x16  1.15      0.046   |  5.3 us compute ( 9.8 MB: 2.3 us)
+    logits  768  bf16   |         112  88K   2      HGMMA.64x64x16  3.54      0.116   |        180  132K  1      HGMMA.64x32x16  1.82      0.064   |  8.0 us compute (22.3 MB: 5.2 us)
+    scores  768  bf16   |         128  52K   2      HMMA.16816      4.65      0.172   |        178  132K  1      HGMMA.64x32x16  2.20      0.064   |  8.0 us compute (14.5 MB: 3.4 us)
+    logits  512  fp32   |         190  144K  1      FFMA            20.6      0.168   |        198  104K  1      FFMA            22.9      0.296   | 62.6 us FMA
+    scores  512  fp32   |         166  104K  1      FFMA            22.3      0.247   |        157  104K  1      FFMA            22.5      0.247   | 62.6 us FMA
+    logits  768  fp32   |         190  144K  1      FFMA            30.4      0.232   |        198  104K  1      FFMA            33.4      0.392   | 93.9 us FMA
+    scores  768  fp32   |         166  104K  1      FFMA            32.7      0.343   |        157  104K  1      FFMA            33.0      0.343   | 93.9 us FMA
+
+Before: 512 logits programs of 64 x 128 (8 warps, two 64 x 64 wgmma warpgroups) and 128 scores
+programs of 32 rows (mma.sync), each blending its image rows again for every 128-class tile
+(8x at C = 1000). After (bf16): 128 programs, each blends its 64 rows once; the scores kernel
+adds a 16-program merge (0.2 MB). Per output, 2.8x (logits) and 3.1x (scores) fewer
+instructions at D = 512, 1.9x / 2.1x at D = 768, and about half the global loads. The price:
+the kept block plus the text tiles in flight fill shared memory (1 CTA/SM), and at D = 768 a
+64-wide class tile fits only without loading ahead, so two warpgroups split it into 64 x 32
+wgmma. A K loop over a kept block would need shared-memory subviews Triton does not expose.
+IEEE fp32 is unchanged in design (FMA-bound; the 32-row logits blocks cost ~10 % more
+instructions than the old 64 x 128 tiles, which spill once inside a class loop).
+Estimated, not measured: at D = 512 bf16 the kernels should run near the 5.3 us compute bound
+plus launch; the eager reference runs about ten kernels (two normalisations per side, blends,
+a cuBLAS GEMM, the scale). Measured numbers come from `bench/gpu_check.sh` on a lent H200.
 
 Dtypes: `img_rp`'s dtype is the compute dtype; the other inputs are cast to it. Logits come
 back in that dtype; the OOD scores are always fp32.

@@ -60,3 +60,32 @@ def test_quick_report_writes_json_and_markdown(tmp_path):
     assert len(body) == len(record["rows"])
     assert {line.count("|") for line in body} == {header.count("|")} and rule.startswith("|---")
     assert "wrote" in stdout
+
+
+def test_patch_embed_cases_follow_the_documented_interface(monkeypatch):
+    """`sm90_cases(batch, h, w, up_resolution, canvas, patch, width, dtype)` of the patch-embedding
+    module feeds the report at the three benchmark shapes; without it the report skips with a note."""
+    from bench import compile_report
+
+    calls = []
+
+    class StandIn:
+        @staticmethod
+        def sm90_cases(batch, h, w, up_resolution, canvas, patch, width, dtype):
+            calls.append((batch, h, w, up_resolution, canvas, patch, width, dtype))
+            return [{"name": "patch_fwd", "kernel": None, "signature": {}, "constexprs": {}, "num_warps": 4,
+                     "num_stages": 3, "flops": 1, "bytes": 1}]
+
+    real = compile_report._kernel_module
+    monkeypatch.setattr(compile_report, "_kernel_module",
+                        lambda name: StandIn if name == "reprogram_patch_embed" else real(name))
+    notes = []
+    cases = compile_report.collect_cases(False, notes)
+    patch = [(shape, dtype) for family, shape, dtype, _ in cases if family == "patch-embed"]
+    assert not notes and len(patch) == 6
+    assert ("ViT-B/32 B=256 32->224", "bf16") in patch
+    assert (256, 32, 32, 224, 224, 32, 768, "bf16") in calls and (128, 224, 224, 224, 224, 14, 1024, "fp32") in calls
+    monkeypatch.setattr(compile_report, "_kernel_module",
+                        lambda name: object() if name == "reprogram_patch_embed" else real(name))
+    cases = compile_report.collect_cases(False, notes)
+    assert {family for family, *_ in cases} == {"residual"} and "sm90_cases" in notes[0]

@@ -72,6 +72,7 @@ Scores (evaluation only, no gradient) for temperature `T`, per row of `cos`:
 `max_logit = max cos` (the blended cosine, not scaled by `logit_scale`). The Triton kernel
 gets them with an online softmax over tiles of classes, writing logits only when asked.
 """
+import functools
 import weakref
 from collections import OrderedDict
 from typing import NamedTuple
@@ -355,6 +356,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -391,7 +393,7 @@ def _plan(B: int, C: int, D: int, element_size: int, precision: str, sms: int, k
         plan = dict(NUM_K=0, BLOCK_B=32, BLOCK_C=_block(C, 16, 128), BLOCK_K=_block(D, 16, 64), num_warps=8,
                     num_stages=3)
     row_blocks = triton.cdiv(B, plan["BLOCK_B"])
-    class_tiles = triton.cdiv(C, plan["BLOCK_C"])
+    class_tiles = max(1, triton.cdiv(C, plan["BLOCK_C"]))
     if kernel == "logits" and plan["NUM_K"] == 0:
         groups = class_tiles
     else:

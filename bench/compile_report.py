@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
+import importlib.util
 import json
 import os
 import re
@@ -262,7 +262,6 @@ def facts_of(case: dict, ptxas: str, sass: str, smem: int) -> dict:
 def _kernel_module(name: str):
     """`reprogrammer.kernels.<name>` or, in the older layout, `kernels.<name>`: the one in this
     checkout when both are importable (another checkout may be installed in the environment)."""
-    import importlib.util
 
     found = []
     for prefix in ("reprogrammer.kernels", "kernels"):

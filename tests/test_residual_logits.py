@@ -341,8 +341,11 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 # B = 4096, C = 1000 as in the benchmarks, at CLIP ViT-B (512) and ViT-L (768) widths.
 BIG = [(4096, 1000, 512), (4096, 1000, 768)]
-# torch.compile (inductor + user Triton kernels) once, in bf16, to keep the GPU run short.
-CUDA_VARIANTS = [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+# (shape, dtype, compiled): fp32 and bf16 at both widths; torch.compile (inductor + the user
+# Triton kernels) once, in bf16 at D = 512, to keep the GPU run short.
+CUDA_VARIANTS = [(shape, dtype, False) for shape in BIG for dtype in (torch.float32, torch.bfloat16)] \
+    + [(BIG[0], torch.bfloat16, True)]
+CUDA_IDS = [f"D{shape[2]}-{str(dtype)[6:]}{'-compiled' if compiled else ''}" for shape, dtype, compiled in CUDA_VARIANTS]
 NAMES = ("logits", "grad img_rp", "grad img_zs", "grad txt_rp", "grad txt_zs")
 
 
@@ -366,12 +369,11 @@ def _run_logits(op, inputs, upstream, alpha):
 
 
 @cuda_only
-@pytest.mark.parametrize("shape", BIG, ids=lambda s: f"D{s[2]}")
-@pytest.mark.parametrize("dtype,compiled", CUDA_VARIANTS)
-def test_cuda_logits_and_gradients(monkeypatch, dtype, compiled, shape):
+@pytest.mark.parametrize("shape,dtype,compiled", CUDA_VARIANTS, ids=CUDA_IDS)
+def test_cuda_logits_and_gradients(monkeypatch, shape, dtype, compiled):
     monkeypatch.setenv("REPROGRAMMER_BACKEND", "triton")
     alpha = 0.4
-    inputs = features(*shape, device="cuda", dtype=dtype)
+    inputs = features(*shape, device="cuda", dtype=dtype, tiny=False)
     upstream = torch.randn(shape[0], shape[1], device="cuda", dtype=dtype)
     fn = torch.compile(kernels.residual_logits, fullgraph=True) if compiled else kernels.residual_logits
     ours = _run_logits(fn, inputs, upstream, alpha)
@@ -389,12 +391,11 @@ def test_cuda_logits_and_gradients(monkeypatch, dtype, compiled, shape):
 
 
 @cuda_only
-@pytest.mark.parametrize("shape", BIG, ids=lambda s: f"D{s[2]}")
-@pytest.mark.parametrize("dtype,compiled", CUDA_VARIANTS)
-def test_cuda_scores(monkeypatch, dtype, compiled, shape):
+@pytest.mark.parametrize("shape,dtype,compiled", CUDA_VARIANTS, ids=CUDA_IDS)
+def test_cuda_scores(monkeypatch, shape, dtype, compiled):
     monkeypatch.setenv("REPROGRAMMER_BACKEND", "triton")
     alpha, temperature = 0.4, 0.01
-    inputs = features(*shape, device="cuda", dtype=dtype)
+    inputs = features(*shape, device="cuda", dtype=dtype, tiny=False)
     fn = torch.compile(kernels.residual_scores, fullgraph=True) if compiled else kernels.residual_scores
     ours = fn(*inputs, alpha=alpha, logit_scale=SCALE, temperature=temperature, return_logits=True)
     reference = kernels.residual_scores_ref(*[t.float() for t in inputs], alpha=alpha, logit_scale=SCALE,

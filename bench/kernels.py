@@ -279,6 +279,10 @@ def run(args) -> int:
     if compile_backend != "inductor":
         notes.append(f"torch_compile uses backend {compile_backend!r}, not inductor (inductor takes tens "
                      "of seconds per graph on a small CPU; pass --compile-backend inductor to use it)")
+    if "residual-scores" in args.ops:
+        notes.append("residual-scores times repeated evaluation calls: the fused op caches the blended text "
+                     "side across calls with unchanged text features (as an evaluation loop has), the "
+                     "references blend it on every call")
     for note in notes:
         print(f"note: {note}")
     cases = build_cases(args)

@@ -6,11 +6,55 @@
     cos = img @ txt.T                                       # [B, C]
     logits = logit_scale * cos
 
-`norm` is `F.normalize` (rows divided by `max(||row||, 1e-12)`). The text side is tiny and is
-blended in PyTorch once per call; the image side never exists as a tensor on the Triton path:
-each program computes the inverse row norms of its `img_rp` / `img_zs` rows, then blends
-them while loading the GEMM's A operand. Accumulation is fp32; the dot's inputs are in the
-features' dtype (fp32 dots use TF32 only when `torch.get_float32_matmul_precision()` allows it).
+`norm` is `F.normalize` (rows divided by `max(||row||, 1e-12)`). The text side is tiny: it is
+blended in PyTorch once per call, and in evaluation (no gradient to it) cached across calls,
+keyed on the text tensors' identity and `_version` counters, `alpha` and the scale
+(`_TextBlendCache`). The image side never exists as a tensor: each program computes the
+inverse row norms of its `img_rp` / `img_zs` rows, then blends its row block ONCE, keeps it on
+chip and sweeps its classes against it (`_plan` picks the sizes):
+
+- bf16 / fp16 (and fp32 under TF32, kept only when it fits): 64-row blocks, the m64 tile of an sm_90 warpgroup, so
+  `tl.dot` becomes wgmma. The block, `[64, D]` in up to four column chunks, stays in shared
+  memory (read into registers by ldmatrix for register-A wgmma) while the class tiles stream
+  by, the next tile's text loaded ahead (2 stages) where shared memory allows.
+- IEEE fp32 (PyTorch's default "highest") runs on FMAs, where the blend is 2 / BLOCK_C of the
+  work: the block is streamed, blended per class tile as the A operand of a K loop (32 rows).
+- Programs: one per 64-row block, the classes split into groups across programs only as far as
+  needed to give every SM one (B = 4096: 64 blocks x 2 groups = 128 programs on 132 SMs, each
+  block blended twice instead of once per 128-class tile). The scores kernel keeps an online
+  softmax per group; `_combine_scores_kernel` merges the groups (argmax: the first of ties).
+
+sm_90a evidence (H200), B = 4096, C = 1000, alpha = 0.4: COMPILED OFFLINE, NOT MEASURED
+(`python -m bench.compile_report`, triton 3.8 for `GPUTarget("cuda", 90, 32)`, the wheel's
+ptxas; results in bench/results/compile-sm90a-offline-*.md). "instr/out" is warp-instructions
+per output element (hot-loop SASS x trips x warps / outputs per program), "LDG/out" global
+load instructions per output element; "bound" is the compulsory traffic (features read once,
+logits or four per-row scores written) against 4.3 TB/s and the FLOPs 2BCD against 790
+TFLOP/s bf16 or 67 TFLOP/s fp32 FMA, whichever is larger. No spills anywhere.
+
+    kernel  D    dtype  | before: regs smem  CTA/SM MMA           instr/out LDG/out | after: regs smem  CTA/SM MMA           instr/out LDG/out | bound
+    logits  512  bf16   |         112  88K   2      HGMMA.64x64x16  2.65      0.084   |        175  200K  1      HGMMA.64x64x16  0.96      0.046   |  5.3 us compute (17.6 MB: 4.1 us)
+    scores  512  bf16   |         128  52K   2      HMMA.16816      3.54      0.124   |        182  192K  1      HGMMA.64x64x16  1.15      0.046   |  5.3 us compute ( 9.8 MB: 2.3 us)
+    logits  768  bf16   |         112  88K   2      HGMMA.64x64x16  3.54      0.116   |        180  132K  1      HGMMA.64x32x16  1.82      0.064   |  8.0 us compute (22.3 MB: 5.2 us)
+    scores  768  bf16   |         128  52K   2      HMMA.16816      4.65      0.172   |        178  132K  1      HGMMA.64x32x16  2.20      0.064   |  8.0 us compute (14.5 MB: 3.4 us)
+    logits  512  fp32   |         190  144K  1      FFMA            20.6      0.168   |        198  104K  1      FFMA            22.9      0.296   | 62.6 us FMA
+    scores  512  fp32   |         166  104K  1      FFMA            22.3      0.247   |        157  104K  1      FFMA            22.5      0.247   | 62.6 us FMA
+    logits  768  fp32   |         190  144K  1      FFMA            30.4      0.232   |        198  104K  1      FFMA            33.4      0.392   | 93.9 us FMA
+    scores  768  fp32   |         166  104K  1      FFMA            32.7      0.343   |        157  104K  1      FFMA            33.0      0.343   | 93.9 us FMA
+
+Before: 512 logits programs of 64 x 128 (8 warps, two 64 x 64 wgmma warpgroups) and 128 scores
+programs of 32 rows (mma.sync), each blending its image rows again for every 128-class tile
+(8x at C = 1000). After (bf16): 128 programs, each blends its 64 rows once; the scores kernel
+adds a 16-program merge (0.2 MB). Per output, 2.8x (logits) and 3.1x (scores) fewer
+instructions at D = 512, 1.9x / 2.1x at D = 768, and about half the global loads. The price:
+the kept block plus the text tiles in flight fill shared memory (1 CTA/SM), and at D = 768 a
+64-wide class tile fits only without loading ahead, so two warpgroups split it into 64 x 32
+wgmma. A K loop over a kept block would need shared-memory subviews Triton does not expose.
+IEEE fp32 is unchanged in design (FMA-bound; the 32-row logits blocks cost ~10 % more
+instructions than the old 64 x 128 tiles, which spill once inside a class loop).
+Estimated, not measured: at D = 512 bf16 the kernels should run near the 5.3 us compute bound
+plus launch; the eager reference runs about ten kernels (two normalisations per side, blends,
+a cuBLAS GEMM, the scale). Measured numbers come from `bench/gpu_check.sh` on a lent H200.
 
 Dtypes: `img_rp`'s dtype is the compute dtype; the other inputs are cast to it. Logits come
 back in that dtype; the OOD scores are always fp32.
@@ -28,6 +72,9 @@ Scores (evaluation only, no gradient) for temperature `T`, per row of `cos`:
 `max_logit = max cos` (the blended cosine, not scaled by `logit_scale`). The Triton kernel
 gets them with an online softmax over tiles of classes, writing logits only when asked.
 """
+import functools
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -39,9 +86,6 @@ from ._triton import tl, triton
 from .backend import use_triton
 
 NORM_EPS = 1e-12  # F.normalize's default; the kernels spell it out as a literal
-# Fewest programs the scores kernel aims for (about one per SM of a large GPU) before it
-# trades rows per program for parallelism.
-MIN_SCORE_PROGRAMS = 128
 
 
 class ResidualScores(NamedTuple):
@@ -82,25 +126,78 @@ def _blend_weights(img_rp_ptr, img_zs_ptr, rows, row_ok, D, alpha,
 
 
 @triton.jit
-def _cosine_tile(img_rp_ptr, img_zs_ptr, txt_ptr, w_rp, w_zs, rows, row_ok, cols, col_ok, D,
+def _blended_columns(img_rp_ptr, img_zs_ptr, w_rp, w_zs, rows, row_ok, k0, D,
+                     USE_RP: tl.constexpr, USE_ZS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns `[k0, k0 + BLOCK_K)` of the blended image block, fp32 (zero outside the matrix)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    offsets = rows[:, None] * D + ks[None, :]
+    mask = row_ok[:, None] & (ks[None, :] < D)
+    a = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    if USE_RP:
+        a += w_rp[:, None] * tl.load(img_rp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if USE_ZS:
+        a += w_zs[:, None] * tl.load(img_zs_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _blended_block(img_rp_ptr, img_zs_ptr, txt_ptr, rows, row_ok, D, alpha,
+                   USE_RP: tl.constexpr, USE_ZS: tl.constexpr, NUM_K: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's blended image rows, once: blend weights, and with `NUM_K > 0` the whole
+    `[BLOCK_B, NUM_K * BLOCK_K]` block as up to four column chunks in the dot's input dtype,
+    which stay on chip (registers or shared memory) for the whole class sweep. With
+    `NUM_K == 0` (a block too large to keep) the chunks are placeholders and the class sweep
+    blends while loading, as a streaming GEMM."""
+    w_rp, w_zs = _blend_weights(img_rp_ptr, img_zs_ptr, rows, row_ok, D, alpha, USE_RP, USE_ZS, BLOCK_B,
+                                BLOCK_K)
+    a0 = w_rp
+    if NUM_K > 0:
+        a0 = _blended_columns(img_rp_ptr, img_zs_ptr, w_rp, w_zs, rows, row_ok, 0, D, USE_RP, USE_ZS,
+                              BLOCK_B, BLOCK_K).to(txt_ptr.dtype.element_ty)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    if NUM_K > 1:
+        a1 = _blended_columns(img_rp_ptr, img_zs_ptr, w_rp, w_zs, rows, row_ok, BLOCK_K, D, USE_RP, USE_ZS,
+                              BLOCK_B, BLOCK_K).to(txt_ptr.dtype.element_ty)
+    if NUM_K > 2:
+        a2 = _blended_columns(img_rp_ptr, img_zs_ptr, w_rp, w_zs, rows, row_ok, 2 * BLOCK_K, D, USE_RP,
+                              USE_ZS, BLOCK_B, BLOCK_K).to(txt_ptr.dtype.element_ty)
+    if NUM_K > 3:
+        a3 = _blended_columns(img_rp_ptr, img_zs_ptr, w_rp, w_zs, rows, row_ok, 3 * BLOCK_K, D, USE_RP,
+                              USE_ZS, BLOCK_B, BLOCK_K).to(txt_ptr.dtype.element_ty)
+    return w_rp, w_zs, a0, a1, a2, a3
+
+
+@triton.jit
+def _cosine_tile(img_rp_ptr, img_zs_ptr, txt_ptr, w_rp, w_zs, a0, a1, a2, a3, rows, row_ok, cols, col_ok, D,
                  USE_RP: tl.constexpr, USE_ZS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 `[BLOCK_B, BLOCK_C]` tile of `blend(img) @ txt.T`, blending while loading A."""
-    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-    for k in range(0, D, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        a_offsets = rows[:, None] * D + ks[None, :]
-        a_mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
-        if USE_RP:
-            a += w_rp[:, None] * tl.load(img_rp_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
-        if USE_ZS:
-            a += w_zs[:, None] * tl.load(img_zs_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
-        # B operand: txt.T tile, [BLOCK_K, BLOCK_C], read straight from row-major txt.
-        b = tl.load(txt_ptr + cols[None, :] * D + ks[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+                 NUM_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 `[BLOCK_B, BLOCK_C]` tile of `blend(img) @ txt.T` for the classes `cols`."""
+    ks = tl.arange(0, BLOCK_K)
+    # B operand: txt.T chunks, [BLOCK_K, BLOCK_C], read straight from row-major txt.
+    b_ptrs = txt_ptr + cols[None, :] * D + ks[:, None]
+    if NUM_K == 0:
+        acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+        for k in range(0, D, BLOCK_K):
+            a = _blended_columns(img_rp_ptr, img_zs_ptr, w_rp, w_zs, rows, row_ok, k, D, USE_RP, USE_ZS,
+                                 BLOCK_B, BLOCK_K)
+            b = tl.load(b_ptrs + k, mask=col_ok[None, :] & (ks[:, None] + k < D), other=0.0)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    else:
+        b = tl.load(b_ptrs, mask=col_ok[None, :] & (ks[:, None] < D), other=0.0)
+        acc = tl.dot(a0, b, input_precision=DOT_PRECISION)
+        if NUM_K > 1:
+            b = tl.load(b_ptrs + BLOCK_K, mask=col_ok[None, :] & (ks[:, None] + BLOCK_K < D), other=0.0)
+            acc = tl.dot(a1, b, acc, input_precision=DOT_PRECISION)
+        if NUM_K > 2:
+            b = tl.load(b_ptrs + 2 * BLOCK_K, mask=col_ok[None, :] & (ks[:, None] + 2 * BLOCK_K < D), other=0.0)
+            acc = tl.dot(a2, b, acc, input_precision=DOT_PRECISION)
+        if NUM_K > 3:
+            b = tl.load(b_ptrs + 3 * BLOCK_K, mask=col_ok[None, :] & (ks[:, None] + 3 * BLOCK_K < D), other=0.0)
+            acc = tl.dot(a3, b, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -112,22 +209,28 @@ def _residual_logits_kernel(
     out_ptr,  # [B, C] contiguous logits, same dtype
     B, C, D,  # sizes
     alpha,  # blend weight a of the zero-shot side, in [0, 1]
+    classes_per_program,  # classes each program sweeps, a multiple of BLOCK_C
     USE_RP: tl.constexpr,  # a < 1
     USE_ZS: tl.constexpr,  # a > 0
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 inputs ("ieee" or "tf32")
+    NUM_K: tl.constexpr,  # column chunks of the kept image block (0: stream, blend per class tile)
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # One [BLOCK_B, BLOCK_C] tile of logits per program; the grid is (B tiles, C tiles).
+    # Program (i, j): image rows [i * BLOCK_B, ...), blended once, against classes
+    # [j * classes_per_program, ...) in BLOCK_C tiles.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < B
-    col_ok = cols < C
-    w_rp, w_zs = _blend_weights(img_rp_ptr, img_zs_ptr, rows, row_ok, D, alpha,
-                                USE_RP, USE_ZS, BLOCK_B, BLOCK_K)
-    acc = _cosine_tile(img_rp_ptr, img_zs_ptr, txt_ptr, w_rp, w_zs, rows, row_ok, cols, col_ok, D,
-                       USE_RP, USE_ZS, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    w_rp, w_zs, a0, a1, a2, a3 = _blended_block(img_rp_ptr, img_zs_ptr, txt_ptr, rows, row_ok, D, alpha,
+                                                USE_RP, USE_ZS, NUM_K, BLOCK_B, BLOCK_K)
+    first = tl.program_id(1).to(tl.int64) * classes_per_program
+    last = tl.minimum(first + classes_per_program, C)
+    for c in range(first, last, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
+        col_ok = cols < last
+        acc = _cosine_tile(img_rp_ptr, img_zs_ptr, txt_ptr, w_rp, w_zs, a0, a1, a2, a3, rows, row_ok, cols,
+                           col_ok, D, USE_RP, USE_ZS, DOT_PRECISION, NUM_K, BLOCK_B, BLOCK_C, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -136,33 +239,40 @@ def _residual_scores_kernel(
     img_zs_ptr,  # [B, D] contiguous, zero-shot image features, same dtype; unread when a == 0
     txt_ptr,  # [C, D] contiguous, blended text features (unscaled), same dtype
     scale_ptr,  # [1] fp32 logit_scale; read only when STORE_LOGITS
-    prediction_ptr,  # [B] int64 out: argmax (first of ties)
-    mcm_ptr,  # [B] fp32 out: max softmax(cos / T) = 1 / sum exp((cos - max) / T)
-    energy_ptr,  # [B] fp32 out: T * logsumexp(cos / T) = max + T * log(sum exp((cos - max) / T))
-    max_ptr,  # [B] fp32 out: max cos
+    prediction_ptr,  # [G, B] int64 out: argmax (first of ties) over the program's classes
+    sum_ptr,  # [G, B] fp32 out: sum exp((cos - max) / T) over the program's classes
+    max_ptr,  # [G, B] fp32 out: max cos over the program's classes
+    mcm_ptr,  # [B] fp32 out when FINAL: max softmax(cos / T) = 1 / sum exp((cos - max) / T)
+    energy_ptr,  # [B] fp32 out when FINAL: T * logsumexp(cos / T) = max + T * log(sum ...)
     logits_ptr,  # [B, C] contiguous out in the input dtype: logit_scale * cos; used when STORE_LOGITS
     B, C, D,  # sizes
     alpha,  # blend weight a of the zero-shot side
     temperature,  # T > 0
+    classes_per_program,  # classes each program sweeps, a multiple of BLOCK_C
     USE_RP: tl.constexpr, USE_ZS: tl.constexpr, STORE_LOGITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    FINAL: tl.constexpr,  # one group of classes (G == 1): write the scores, not the sums
+    DOT_PRECISION: tl.constexpr, NUM_K: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Each program owns BLOCK_B whole rows and walks the classes in BLOCK_C tiles, keeping a
-    # running max m, argmax and l = sum exp((cos - m) / T), rescaled whenever m grows.
+    # Program (i, j) owns BLOCK_B rows and the j-th group of classes, walked in BLOCK_C tiles,
+    # keeping a running max m, argmax and l = sum exp((cos - m) / T), rescaled whenever m grows.
+    # With one group (FINAL) these are the row's final state; else `_combine_scores_kernel`
+    # merges the groups and turns (m, l) into the scores.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    w_rp, w_zs = _blend_weights(img_rp_ptr, img_zs_ptr, rows, row_ok, D, alpha,
-                                USE_RP, USE_ZS, BLOCK_B, BLOCK_K)
+    w_rp, w_zs, a0, a1, a2, a3 = _blended_block(img_rp_ptr, img_zs_ptr, txt_ptr, rows, row_ok, D, alpha,
+                                                USE_RP, USE_ZS, NUM_K, BLOCK_B, BLOCK_K)
     to_log2 = 1.4426950408889634 / temperature  # exp(x / T) = exp2(x * log2(e) / T)
     running_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_B,), tl.float32)
     best = tl.zeros((BLOCK_B,), tl.int64)
-    for c in range(0, C, BLOCK_C):
-        cols = c + tl.arange(0, BLOCK_C).to(tl.int64)
-        col_ok = cols < C
-        cos = _cosine_tile(img_rp_ptr, img_zs_ptr, txt_ptr, w_rp, w_zs, rows, row_ok, cols, col_ok, D,
-                           USE_RP, USE_ZS, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+    first = tl.program_id(1).to(tl.int64) * classes_per_program
+    last = tl.minimum(first + classes_per_program, C)
+    for c in range(first, last, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
+        col_ok = cols < last
+        cos = _cosine_tile(img_rp_ptr, img_zs_ptr, txt_ptr, w_rp, w_zs, a0, a1, a2, a3, rows, row_ok, cols,
+                           col_ok, D, USE_RP, USE_ZS, DOT_PRECISION, NUM_K, BLOCK_B, BLOCK_C, BLOCK_K)
         if STORE_LOGITS:
             scale = tl.load(scale_ptr)
             tl.store(logits_ptr + rows[:, None] * C + cols[None, :],
@@ -177,24 +287,65 @@ def _residual_scores_kernel(
         running_sum = (running_sum * tl.exp2((running_max - new_max) * to_log2)
                        + tl.sum(tl.exp2((cos - new_max[:, None]) * to_log2), axis=1))
         running_max = new_max
-    tl.store(prediction_ptr + rows, best, mask=row_ok)
-    tl.store(mcm_ptr + rows, 1.0 / running_sum, mask=row_ok)
-    tl.store(energy_ptr + rows, running_max + temperature * tl.log(running_sum), mask=row_ok)
-    tl.store(max_ptr + rows, running_max, mask=row_ok)
+    state = tl.program_id(1).to(tl.int64) * B + rows
+    tl.store(prediction_ptr + state, best, mask=row_ok)
+    tl.store(max_ptr + state, running_max, mask=row_ok)
+    if FINAL:
+        tl.store(mcm_ptr + rows, 1.0 / running_sum, mask=row_ok)
+        tl.store(energy_ptr + rows, running_max + temperature * tl.log(running_sum), mask=row_ok)
+    else:
+        tl.store(sum_ptr + state, running_sum, mask=row_ok)
+
+
+@triton.jit
+def _combine_scores_kernel(
+    prediction_ptr,  # [G, B] int64 in: per-group argmax; row 0 receives the final argmax
+    sum_ptr,  # [G, B] fp32 in: per-group sum exp((cos - m_g) / T)
+    max_ptr,  # [G, B] fp32 in: per-group max m_g; row 0 receives the final max
+    mcm_ptr,  # [B] fp32 out: 1 / sum exp((cos - max) / T)
+    energy_ptr,  # [B] fp32 out: max + T * log(sum exp((cos - max) / T))
+    B, G,  # rows, groups of classes (groups in class order)
+    temperature,  # T > 0
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < B
+    to_log2 = 1.4426950408889634 / temperature
+    best = tl.load(prediction_ptr + rows, mask=ok, other=0)
+    total = tl.load(sum_ptr + rows, mask=ok, other=1.0)
+    top = tl.load(max_ptr + rows, mask=ok, other=0.0)
+    for g in range(1, G):
+        group_best = tl.load(prediction_ptr + g * B + rows, mask=ok, other=0)
+        group_sum = tl.load(sum_ptr + g * B + rows, mask=ok, other=0.0)
+        group_max = tl.load(max_ptr + g * B + rows, mask=ok, other=float("-inf"))
+        best = tl.where(group_max > top, group_best, best)  # an earlier group keeps ties
+        new_top = tl.maximum(top, group_max)
+        total = total * tl.exp2((top - new_top) * to_log2) + group_sum * tl.exp2((group_max - new_top) * to_log2)
+        top = new_top
+    tl.store(prediction_ptr + rows, best, mask=ok)
+    tl.store(max_ptr + rows, top, mask=ok)
+    tl.store(mcm_ptr + rows, 1.0 / total, mask=ok)
+    tl.store(energy_ptr + rows, top + temperature * tl.log(total), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+SMS = 132  # streaming multiprocessors of an H200/H100 SXM: the program count to fill, off CUDA
+# Shared memory a program may plan for: the kept image block plus two stages of text chunks,
+# leaving the rest of the 227 KB an sm_90 CTA can have to the compiler's layout scratch.
+SMEM_BUDGET = 192 * 1024
+COMBINE_BLOCK = 256  # rows per program of the scores' group merge
+MAX_CHUNKS = 4  # column chunks of a kept image block (a0 .. a3 in the kernels)
+# (class tile, warps, stages) for a kept block, in order of preference: a 64 x 64 wgmma per
+# warpgroup with the next tile's text loaded ahead, then two warpgroups of 64 x 32 without,
+# then 64 x 16 with (ptxas -v: none of these spills at D = 512 and 768 in bf16).
+KEPT_CONFIGS = ((64, 4, 2), (64, 8, 1), (32, 8, 2))
+
+
 def _block(n: int, low: int, high: int) -> int:
     """Power-of-two block covering `n`, within [low, high] (tl.dot needs every dim >= 16)."""
     return max(low, min(high, triton.next_power_of_2(n)))
-
-
-def _num_warps(block_b: int, block_c: int) -> int:
-    # Eight warps from 32 x 128 tiles up: with four, the fp32 tile plus the blend (and the
-    # softmax state in the scores kernel) spill registers on sm_90 (ptxas -v).
-    return 8 if block_b * block_c >= 32 * 128 else 4
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -204,15 +355,70 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SMS
+
+
+def _plan(B: int, C: int, D: int, element_size: int, precision: str, sms: int, kernel: str) -> dict:
+    """Block sizes, warps, stages and class groups of `kernel` ("logits" / "scores") for
+    `[B, D] x [C, D]`.
+
+    Tensor-core dots (bf16 / fp16, and fp32 as tf32) take 64-row blocks, the wgmma tile of a
+    warpgroup on sm_90. The blended image block is kept when it and the text chunks in flight
+    fit `SMEM_BUDGET` with one of the (class tile, warps, stages) in `KEPT_CONFIGS` (widest
+    wgmma first), else it is streamed: blended per class tile while loading a K loop's A
+    operand. IEEE fp32 (FMA-bound, the blend being 2 / BLOCK_C of its work) always streams, in
+    32-row blocks (64 spill registers at eight warps, ptxas -v). Programs sweep `classes_per_program` classes; the classes are split into
+    groups only as far as needed to give every SM a program (the logits of a streamed block
+    take one class tile per program, as a plain GEMM).
+    """
+    plan = None
+    if element_size < 4 or precision == "tf32":
+        chunk = _block(triton.cdiv(D, MAX_CHUNKS), 16, 1 << 30)
+        num_k = triton.cdiv(D, chunk)
+        kept = 64 * num_k * chunk * element_size
+        for block_c, warps, stages in KEPT_CONFIGS:
+            if kept + stages * num_k * chunk * block_c * element_size <= SMEM_BUDGET:
+                plan = dict(NUM_K=num_k, BLOCK_B=64, BLOCK_C=block_c, BLOCK_K=chunk, num_warps=warps,
+                            num_stages=stages)
+                break
+        if plan is None:
+            plan = dict(NUM_K=0, BLOCK_B=64, BLOCK_C=_block(C, 16, 128), BLOCK_K=_block(D, 16, 64),
+                        num_warps=8, num_stages=3)
+    else:
+        plan = dict(NUM_K=0, BLOCK_B=32, BLOCK_C=_block(C, 16, 128), BLOCK_K=_block(D, 16, 64), num_warps=8,
+                    num_stages=3)
+    row_blocks = triton.cdiv(B, plan["BLOCK_B"])
+    class_tiles = max(1, triton.cdiv(C, plan["BLOCK_C"]))
+    if kernel == "logits" and plan["NUM_K"] == 0:
+        groups = class_tiles
+    else:
+        groups = max(1, min(class_tiles, sms // row_blocks))
+    tiles_per_program = triton.cdiv(class_tiles, groups)
+    plan["classes_per_program"] = tiles_per_program * plan["BLOCK_C"]
+    plan["grid"] = (row_blocks, triton.cdiv(class_tiles, tiles_per_program))
+    return plan
+
+
+def _launch_plan(img_rp: Tensor, txt: Tensor, kernel: str) -> dict:
+    (B, D), C = img_rp.shape, txt.shape[0]
+    precision = _dot_precision(img_rp.dtype)
+    plan = _plan(B, C, D, img_rp.element_size(), precision, _sm_count(img_rp.device), kernel)
+    plan["DOT_PRECISION"] = precision
+    return plan
+
+
 def _launch_logits(img_rp: Tensor, img_zs: Tensor, txt: Tensor, alpha: float) -> Tensor:
     (B, D), C = img_rp.shape, txt.shape[0]
     out = img_rp.new_empty(B, C)
-    block_b, block_c, block_k = _block(B, 16, 64), _block(C, 16, 128), _block(D, 16, 64)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(C, block_c))
+    plan = _launch_plan(img_rp, txt, "logits")
+    grid, per_program = plan.pop("grid"), plan.pop("classes_per_program")
     wrap_triton(_residual_logits_kernel)[grid](
-        img_rp, img_zs, txt, out, B, C, D, alpha,
-        USE_RP=alpha < 1.0, USE_ZS=alpha > 0.0, DOT_PRECISION=_dot_precision(img_rp.dtype),
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=_num_warps(block_b, block_c),
+        img_rp, img_zs, txt, out, B, C, D, alpha, per_program,
+        USE_RP=alpha < 1.0, USE_ZS=alpha > 0.0, **plan,
     )
     return out
 
@@ -220,21 +426,24 @@ def _launch_logits(img_rp: Tensor, img_zs: Tensor, txt: Tensor, alpha: float) ->
 def _launch_scores(img_rp: Tensor, img_zs: Tensor, txt: Tensor, logit_scale: Tensor, alpha: float,
                    temperature: float, return_logits: bool) -> tuple[Tensor, ...]:
     (B, D), C = img_rp.shape, txt.shape[0]
-    # Rows per program: 32 where that still keeps MIN_SCORE_PROGRAMS programs busy (64 rows
-    # with the softmax state spill registers even at eight warps).
-    block_b = 32 if triton.cdiv(B, 32) >= MIN_SCORE_PROGRAMS else 16
-    block_c, block_k = _block(C, 16, 128), _block(D, 16, 64)
-    prediction = torch.empty(B, dtype=torch.int64, device=img_rp.device)
-    mcm, energy, max_cos = (torch.empty(B, dtype=torch.float32, device=img_rp.device) for _ in range(3))
+    plan = _launch_plan(img_rp, txt, "scores")
+    grid, per_program = plan.pop("grid"), plan.pop("classes_per_program")
+    groups = grid[1]
+    device = img_rp.device
+    prediction = torch.empty(groups, B, dtype=torch.int64, device=device)
+    sums, max_cos = (torch.empty(groups, B, dtype=torch.float32, device=device) for _ in range(2))
+    mcm, energy = (torch.empty(B, dtype=torch.float32, device=device) for _ in range(2))
     logits = img_rp.new_empty(B, C if return_logits else 0)
-    wrap_triton(_residual_scores_kernel)[(triton.cdiv(B, block_b),)](
-        img_rp, img_zs, txt, logit_scale, prediction, mcm, energy, max_cos, logits,
-        B, C, D, alpha, temperature,
-        USE_RP=alpha < 1.0, USE_ZS=alpha > 0.0, STORE_LOGITS=return_logits,
-        DOT_PRECISION=_dot_precision(img_rp.dtype),
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=_num_warps(block_b, block_c),
+    wrap_triton(_residual_scores_kernel)[grid](
+        img_rp, img_zs, txt, logit_scale, prediction, sums, max_cos, mcm, energy, logits,
+        B, C, D, alpha, temperature, per_program,
+        USE_RP=alpha < 1.0, USE_ZS=alpha > 0.0, STORE_LOGITS=return_logits, FINAL=groups == 1, **plan,
     )
-    return prediction, mcm, energy, max_cos, logits
+    if groups > 1:
+        wrap_triton(_combine_scores_kernel)[(triton.cdiv(B, COMBINE_BLOCK),)](
+            prediction, sums, max_cos, mcm, energy, B, groups, temperature, BLOCK=COMBINE_BLOCK, num_warps=4,
+        )
+    return prediction[0], mcm, energy, max_cos[0], logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,16 +574,79 @@ def _residual_scores_op(img_rp: Tensor, img_zs: Tensor, txt: Tensor, logit_scale
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
+class _TextBlendCache:
+    """The blended (and scaled) text side of recent evaluation calls.
+
+    The text side is `[C, D]` and the same on every call of an evaluation loop, but its blend
+    is half a dozen small kernels. When no gradient can flow to it (grad mode off, or none of
+    `txt_rp`, `txt_zs`, `logit_scale` requires grad) the result is kept, keyed on the tensors'
+    identity and `_version` counters (bumped by every in-place change), `alpha`, the scale and
+    the dtype; weak references make sure a recycled `id` never hits. Not used under
+    `torch.compile` (the compiled graph computes it) nor for inference-mode tensors, which have
+    no version counter.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self.entries: OrderedDict = OrderedDict()
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @staticmethod
+    def usable(tensors) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        return not any(t.is_inference() for t in tensors)
+
+    def get(self, tensors, extra, compute):
+        if not self.usable(tensors):
+            return compute()
+        key = (tuple((id(t), t._version) for t in tensors), extra)
+        entry = self.entries.get(key)
+        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
+            self.entries.move_to_end(key)
+            return entry[1]
+        value = compute()
+        self.entries[key] = ([weakref.ref(t) for t in tensors], value)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return value
+
+
+_TEXT_CACHE = _TextBlendCache()
+
+
+def _text_side(txt_rp: Tensor, txt_zs: Tensor, alpha: float, logit_scale, dtype: torch.dtype) -> Tensor:
+    """`(logit_scale * blend(txt_rp, txt_zs)).to(dtype)` (`logit_scale` None: unscaled), once
+    per call, and from `_TEXT_CACHE` in evaluation."""
+    tensors = [txt_rp] if alpha == 0.0 else [txt_rp, txt_zs]
+    if isinstance(logit_scale, Tensor):
+        tensors.append(logit_scale)
+        scale_key = "tensor"
+    else:
+        scale_key = None if logit_scale is None else float(logit_scale)
+
+    def compute():
+        txt = blend(txt_rp, txt_zs, alpha)
+        return (txt if logit_scale is None else logit_scale * txt).to(dtype)
+
+    return _TEXT_CACHE.get(tensors, (float(alpha), scale_key, dtype), compute)
+
+
 def residual_logits(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale) -> torch.Tensor:
     """Residual Reprogrammer logits `[B, C]` in `img_rp`'s dtype; see the module docstring.
 
     `logit_scale` (a float or 0-d tensor, `exp` of CLIP's parameter) is folded into the text
     side. Differentiable w.r.t. every input, except that with `alpha == 0` `img_zs` and
-    `txt_zs` are never read and so get no gradient.
+    `txt_zs` are never read and so get no gradient. Without gradients to the text side, its
+    blend is cached across calls (`_TextBlendCache`).
     """
     _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
     dtype = img_rp.dtype
-    txt = (logit_scale * blend(txt_rp, txt_zs, alpha)).to(dtype)
+    txt = _text_side(txt_rp, txt_zs, alpha, logit_scale, dtype)
     return _residual_logits_op(img_rp, img_zs.to(dtype), txt, float(alpha))
 
 
@@ -386,12 +658,72 @@ def residual_scores(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale
     `mcm`, `energy` and `max_logit` are fp32 functions of the blended cosine `cos` (not of
     `logit_scale * cos`); `logits` (`logit_scale * cos`, `[B, C]` in `img_rp`'s dtype) is
     computed only when `return_logits`, otherwise it is None and no `[B, C]` tensor is made.
+    The blended text side is cached across calls (`_TextBlendCache`).
     """
     _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
     _check_temperature(temperature)
     dtype = img_rp.dtype
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=img_rp.device).reshape(1)
     prediction, mcm, energy, max_cos, logits = _residual_scores_op(
-        img_rp, img_zs.to(dtype), blend(txt_rp, txt_zs, alpha).to(dtype), scale, float(alpha),
+        img_rp, img_zs.to(dtype), _text_side(txt_rp, txt_zs, alpha, None, dtype), scale, float(alpha),
         float(temperature), return_logits)
     return ResidualScores(prediction, mcm, energy, max_cos, logits if return_logits else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline compile cases (bench/compile_report.py): the launchers' configurations at a shape
+# ---------------------------------------------------------------------------------------------
+_TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def sm90_cases(batch: int, classes: int, dim: int, dtype: str) -> list[dict]:
+    """The logits and scores kernels (and the scores' group merge when the plan splits the
+    classes) as the launchers run them on an H200 at `[batch, dim]` images and `[classes, dim]`
+    texts in `dtype` ("bf16", "fp16" or "fp32" at PyTorch's default "highest" precision), in
+    `bench.compile_report`'s case format."""
+    t = _TRITON_TYPES[dtype]
+    size = 4 if dtype == "fp32" else 2
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    B, C, D = batch, classes, dim
+    features = (2 * B * D + C * D) * size
+    pointers = {"img_rp_ptr": f"*{t}", "img_zs_ptr": f"*{t}", "txt_ptr": f"*{t}"}
+    cases = []
+    for kernel in ("logits", "scores"):
+        plan = _plan(B, C, D, size, precision, SMS, kernel)
+        grid, per_program = plan.pop("grid"), plan.pop("classes_per_program")
+        warps, stages = plan.pop("num_warps"), plan.pop("num_stages")
+        ints = {"B": B, "C": C, "D": D, "classes_per_program": per_program}
+        # Innermost loop: the class sweep when the block is kept (one trip per class tile), the
+        # K loop inside it when streaming.
+        tiles = triton.cdiv(per_program, plan["BLOCK_C"])
+        trips = tiles if plan["NUM_K"] else tiles * triton.cdiv(D, plan["BLOCK_K"])
+        common = dict(num_warps=warps, num_stages=stages, flops=2 * B * C * D, grid=grid, outputs=B * C,
+                      trips=trips, outer_trips=tiles,
+                      divisible_by_16=[n for n, v in ints.items() if v % 16 == 0])
+        constexprs = dict(USE_RP=True, USE_ZS=True, DOT_PRECISION=precision, **plan)
+        if kernel == "logits":
+            cases.append(dict(
+                name="residual_logits", kernel=_residual_logits_kernel,
+                signature={**pointers, "out_ptr": f"*{t}", "B": "i32", "C": "i32", "D": "i32", "alpha": "fp32",
+                           "classes_per_program": "i32", **{k: "constexpr" for k in constexprs}},
+                constexprs=constexprs, bytes=features + B * C * size, **common))
+            continue
+        final = grid[1] == 1
+        constexprs = dict(constexprs, STORE_LOGITS=False, FINAL=final)
+        cases.append(dict(
+            name="residual_scores", kernel=_residual_scores_kernel,
+            signature={**pointers, "scale_ptr": "*fp32", "prediction_ptr": "*i64", "sum_ptr": "*fp32",
+                       "max_ptr": "*fp32", "mcm_ptr": "*fp32", "energy_ptr": "*fp32", "logits_ptr": f"*{t}",
+                       "B": "i32", "C": "i32", "D": "i32", "alpha": "fp32", "temperature": "fp32",
+                       "classes_per_program": "i32", **{k: "constexpr" for k in constexprs}},
+            constexprs=constexprs, bytes=features + B * 20 + (0 if final else grid[1] * B * 16 * 2), **common))
+        if not final:
+            cases.append(dict(
+                name="residual_scores_combine", kernel=_combine_scores_kernel,
+                signature={"prediction_ptr": "*i64", "sum_ptr": "*fp32", "max_ptr": "*fp32", "mcm_ptr": "*fp32",
+                           "energy_ptr": "*fp32", "B": "i32", "G": "i32", "temperature": "fp32",
+                           "BLOCK": "constexpr"},
+                constexprs={"BLOCK": COMBINE_BLOCK}, num_warps=4, num_stages=1, flops=0,
+                bytes=grid[1] * B * 16 + B * 20, grid=(triton.cdiv(B, COMBINE_BLOCK),), outputs=B,
+                trips=grid[1] - 1, divisible_by_16=[n for n, v in (("B", B),) if v % 16 == 0]))
+    return cases

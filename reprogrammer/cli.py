@@ -69,7 +69,8 @@ def _bench(args) -> int:
         raise FileNotFoundError("the benchmarks live in the source checkout's bench/ folder; "
                                 "clone the repository and install it with `pip install -e .`")
     sys.path.insert(0, str(checkout))
-    main = importlib.import_module(f"bench.{args.what}").main
+    module = {"compile": "compile_report"}.get(args.what, args.what)
+    main = importlib.import_module(f"bench.{module}").main
     return main(args.rest) or 0
 
 
@@ -116,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels or train")
-    bench.add_argument("what", choices=["kernels", "train"])
+    bench = sub.add_parser("bench", help="benchmarks: kernels, train, or compile (offline sm_90a report)")
+    bench.add_argument("what", choices=["kernels", "train", "compile"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after it)")
     bench.set_defaults(func=_bench)
     return parser

@@ -208,7 +208,7 @@ def _patch_grad_kernel(
     inv_std0, inv_std1, inv_std2,  # per-channel 1 / std
     CANVAS: tl.constexpr,         # S
     PATCH: tl.constexpr,          # p
-    EVEN_N: tl.constexpr,         # N % BLOCK_K == 0: no mask in the reduction loop
+    EVEN_N: tl.constexpr,         # N % BLOCK_K == 0: no width mask in the reduction loop
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     BLOCK_M: tl.constexpr,        # images per program (rows of G for one patch)
     BLOCK_N: tl.constexpr,        # (c, ky, kx) columns per program
@@ -222,6 +222,7 @@ def _patch_grad_kernel(
     K: tl.constexpr = 3 * PATCH * PATCH
     WORDS: tl.constexpr = (CANVAS + 31) // 32
     NUM_N: tl.constexpr = (K + BLOCK_N - 1) // BLOCK_N
+    EVEN_K: tl.constexpr = K % BLOCK_N == 0
     pid = tl.program_id(0)
     chunks = tl.cdiv(batch, BLOCK_M)
     pid_n = pid % NUM_N  # neighbouring programs share one dTokens row tile (L2 reuse)
@@ -233,23 +234,26 @@ def _patch_grad_kernel(
     grad_rows = (images.to(tl.int64) * N_PATCHES + patch) * N
     ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = ks < K
-    ks_in = tl.where(k_ok, ks, K - 1)
     ns = tl.arange(0, BLOCK_K)
     g_ptrs = grad_ptr + grad_rows[:, None] + ns[None, :]
-    w_ptrs = weight_ptr + ns[:, None] * K + ks_in[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_ptrs = weight_ptr + ns[:, None] * K + ks[None, :]  # a masked column, not a clamped index: keeps
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the contiguity for vector copies
     for n0 in range(0, N, BLOCK_K):
         if EVEN_N:
             g = tl.load(g_ptrs, mask=image_ok[:, None], other=0.0)
-            wt = tl.load(w_ptrs)
+            if EVEN_K:
+                wt = tl.load(w_ptrs)
+            else:
+                wt = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         else:
             n_ok = n0 + ns < N
             g = tl.load(g_ptrs, mask=image_ok[:, None] & n_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(g.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
         g_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * K
 
+    ks_in = tl.where(k_ok, ks, K - 1)
     c = ks_in // (PATCH * PATCH)
     y = (patch // SIDE) * PATCH + (ks_in // PATCH) % PATCH
     x = (patch % SIDE) * PATCH + ks_in % PATCH
@@ -297,13 +301,13 @@ def _dot_precision(kind: str) -> str:
     return "ieee" if kind == "ieee" else "tf32"
 
 
-def _gemm_tiles(rows: int, cols: int, red: int, kind: str) -> dict:
-    """Tiles for an [rows x red] @ [red x cols] product, shrunk to the problem (interpreter-sized
-    tests) and to 64 rows when 128-row tiles would leave SMs idle."""
+def _gemm_tiles(rows: int, cols: int, red: int, kind: str, repeats: int = 1) -> dict:
+    """Tiles for `repeats` independent [rows x red] @ [red x cols] products, shrunk to the problem
+    (interpreter-sized tests) and to 64 rows when 128-row tiles would leave SMs idle."""
     top = _GEMM_TABLE[kind]
     block_m = _pow2_between(rows, 16, top["BLOCK_M"])
     block_n = _pow2_between(cols, 16, top["BLOCK_N"])
-    if block_m == 128 and triton.cdiv(rows, 128) * triton.cdiv(cols, block_n) < 2 * SM_COUNT:
+    if block_m == 128 and repeats * triton.cdiv(rows, 128) * triton.cdiv(cols, block_n) < 2 * SM_COUNT:
         block_m = 64
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2_between(red, 16, top["BLOCK_K"]),
                 num_warps=top["num_warps"] if block_m * block_n >= 8192 else 4, num_stages=top["num_stages"])
@@ -314,12 +318,9 @@ def _forward_gemm_config(rows: int, width: int, patch: int, kind: str) -> dict:
 
 
 def _backward_gemm_config(batch: int, n_patches: int, width: int, patch: int, kind: str) -> dict:
-    """Rows of G are (patch, image) pairs, but a tile never spans two patches: BLOCK_M <= B's cover."""
-    config = _gemm_tiles(batch, 3 * patch * patch, width, kind)
-    programs = n_patches * triton.cdiv(batch, config["BLOCK_M"]) * triton.cdiv(3 * patch * patch, config["BLOCK_N"])
-    if config["BLOCK_M"] == 128 and programs < 2 * SM_COUNT:
-        config.update(BLOCK_M=64)
-    return config
+    """Rows of G are (patch, image) pairs, but a tile never spans two patches: one product of
+    [B x width] @ [width x 3 p^2] per patch."""
+    return _gemm_tiles(batch, 3 * patch * patch, width, kind, repeats=n_patches)
 
 
 def _canvas_config(h: int, w: int, canvas: int, resize: bool) -> dict:

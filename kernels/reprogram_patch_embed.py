@@ -461,10 +461,12 @@ def _as_dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
-def _signature(args: list, constexprs: dict) -> tuple[dict, dict]:
-    """Triton signature strings for `(name, value)` pairs: ("ptr", dtype) -> "*bf16" etc., int ->
-    "i32"/"i64", float -> "fp32"; meta-parameters -> "constexpr". Also the runtime values."""
-    signature, values = {}, {}
+def _signature(kernel, args: list, constexprs: dict) -> tuple[dict, dict]:
+    """Triton signature strings, in the kernel's argument order, for `(name, value)` pairs:
+    ("ptr", dtype) -> "*bf16" etc., int -> "i32"/"i64", float -> "fp32"; meta-parameters ->
+    "constexpr". Also the runtime values."""
+    types, values = {}, {}
+    signature = types
     for name, value in args:
         if isinstance(value, tuple):
             signature[name] = "*" + _TRITON_TYPES[value[1]]
@@ -476,8 +478,11 @@ def _signature(args: list, constexprs: dict) -> tuple[dict, dict]:
         else:
             signature[name] = "fp32"
             values[name] = value
-    signature.update({name: "constexpr" for name in constexprs})
-    return signature, values
+    types.update({name: "constexpr" for name in constexprs})
+    if set(types) != set(kernel.arg_names):
+        raise AssertionError(f"{kernel.__name__}: arguments {sorted(set(types) ^ set(kernel.arg_names))} "
+                             "differ between the launcher's description and the kernel")
+    return {name: types[name] for name in kernel.arg_names}, values
 
 
 def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patch: int, width: int, dtype,
@@ -507,7 +512,7 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
             ("up_res", up_resolution), ("offset", (canvas - up_resolution) // 2), ("scale", 1.0),
             ("mean0", 0.48), ("mean1", 0.46), ("mean2", 0.41), ("inv_std0", 3.7), ("inv_std1", 3.8),
             ("inv_std2", 3.6)]
-    signature, values = _signature(args, constexprs)
+    signature, values = _signature(_reprogram_canvas_kernel, args, constexprs)
     resize_flops = 2 * batch * 3 * canvas * (h * w + canvas * w) if resize else 0
     cases.append(dict(
         name="canvas", kernel=_reprogram_canvas_kernel, signature=signature, constexprs=constexprs, values=values,
@@ -521,7 +526,7 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
                       **{key: value for key, value in config.items() if key.isupper()})
     args = [("a_ptr", ("ptr", dtype)), ("weight_ptr", ("ptr", dtype)), ("pos_ptr", ("ptr", torch.float32)),
             ("out_ptr", ("ptr", dtype)), ("M", rows), ("N", width), ("n_patches", n_patches)]
-    signature, values = _signature(args, constexprs)
+    signature, values = _signature(_patch_gemm_kernel, args, constexprs)
     cases.append(dict(
         name="gemm", kernel=_patch_gemm_kernel, signature=signature, constexprs=constexprs, values=values,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -538,7 +543,7 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
         args = [("grad_ptr", ("ptr", dtype)), ("weight_ptr", ("ptr", dtype)), ("bits_ptr", ("ptr", torch.int32)),
                 ("partial_ptr", ("ptr", torch.float32)), ("batch", batch), ("N", width),
                 ("inv_std0", 3.7), ("inv_std1", 3.8), ("inv_std2", 3.6)]
-        signature, values = _signature(args, constexprs)
+        signature, values = _signature(_patch_grad_kernel, args, constexprs)
         cases.append(dict(
             name="grad", kernel=_patch_grad_kernel, signature=signature, constexprs=constexprs, values=values,
             num_warps=config["num_warps"], num_stages=config["num_stages"],

@@ -152,8 +152,8 @@ def _patch_gemm_kernel(
     out_ptr,      # out [M, N] tokens
     M,            # B * (S/p)^2
     N,            # width
-    n_patches,    # (S/p)^2, for the positional-embedding row of each token
     K: tl.constexpr,              # 3 * p * p
+    N_PATCHES: tl.constexpr,      # (S/p)^2: token row m is patch m % N_PATCHES (a multiply-shift)
     HAS_POS: tl.constexpr,        # add pos_embed in the epilogue
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands; ignored for 16-bit ones
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -173,10 +173,10 @@ def _patch_gemm_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Past-the-end rows / columns read a valid row instead (stores are masked): unmasked loads.
-    rows_in = tl.where(rows < M, rows, M - 1).to(tl.int64)
+    rows_in = tl.where(rows < M, rows, M - 1)
     cols_in = tl.where(cols < N, cols, N - 1)
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_in[:, None] * K + ks[None, :]
+    a_ptrs = a_ptr + rows_in.to(tl.int64)[:, None] * K + ks[None, :]
     w_ptrs = weight_ptr + cols_in[None, :] * K + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -192,9 +192,10 @@ def _patch_gemm_kernel(
 
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_POS:
-        pos = tl.load(pos_ptr + (rows_in % n_patches)[:, None] * N + cols_in[None, :])
+        # int32 row index: the modulo by a constant stays cheap; columns masked, not clamped (vector loads).
+        pos = tl.load(pos_ptr + (rows_in % N_PATCHES)[:, None] * N + cols[None, :], mask=(cols < N)[None, :])
         acc += pos.to(tl.float32)
-    tl.store(out_ptr + rows_in[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + rows_in.to(tl.int64)[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -257,8 +258,10 @@ def _patch_grad_kernel(
     c = ks_in // (PATCH * PATCH)
     y = (patch // SIDE) * PATCH + (ks_in // PATCH) % PATCH
     x = (patch % SIDE) * PATCH + ks_in % PATCH
-    words = tl.load(bits_ptr + ((images.to(tl.int64) * 3)[:, None] + c[None, :]) * (CANVAS * WORDS)
-                    + (y * WORDS + x // 32)[None, :], mask=image_ok[:, None], other=0)
+    # int32 offsets inside the image chunk (one add per element); the chunk's base in int64.
+    chunk_bits = bits_ptr + chunk.to(tl.int64) * (BLOCK_M * 3 * CANVAS * WORDS)
+    words = tl.load(chunk_bits + (tl.arange(0, BLOCK_M) * (3 * CANVAS * WORDS))[:, None]
+                    + (c * (CANVAS * WORDS) + y * WORDS + x // 32)[None, :], mask=image_ok[:, None], other=0)
     live = ((words >> (x % 32)[None, :]) & 1) != 0
     partial = tl.sum(tl.where(live, acc, 0.0), axis=0) * _channel_select(c, inv_std0, inv_std1, inv_std2)
     out = partial_ptr + chunk.to(tl.int64) * (3 * CANVAS * CANVAS) + (c * CANVAS + y) * CANVAS + x
@@ -419,7 +422,7 @@ def reprogram_patch_embed_forward(images: torch.Tensor, perturbation: torch.Tens
     grid = (triton.cdiv(batch * n_patches, config["BLOCK_M"]) * triton.cdiv(width, config["BLOCK_N"]),)
     torch.library.wrap_triton(_patch_gemm_kernel)[grid](
         rows, weight.reshape(width, -1).contiguous(), weight if pos_embed is None else pos_embed.contiguous(),
-        tokens, batch * n_patches, width, n_patches, K=3 * patch * patch, HAS_POS=pos_embed is not None,
+        tokens, batch * n_patches, width, K=3 * patch * patch, N_PATCHES=n_patches, HAS_POS=pos_embed is not None,
         DOT_PRECISION=_dot_precision(kind), **config)
     return tokens, bits
 
@@ -522,10 +525,10 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
         + (batch * 3 * canvas * words * 4 if backward else 0) + (2 * canvas * (h + w) * 4 if resize else 0)))
 
     config = _forward_gemm_config(rows, width, patch, kind)
-    constexprs = dict(K=k, HAS_POS=True, DOT_PRECISION=_dot_precision(kind),
+    constexprs = dict(K=k, N_PATCHES=n_patches, HAS_POS=True, DOT_PRECISION=_dot_precision(kind),
                       **{key: value for key, value in config.items() if key.isupper()})
     args = [("a_ptr", ("ptr", dtype)), ("weight_ptr", ("ptr", dtype)), ("pos_ptr", ("ptr", torch.float32)),
-            ("out_ptr", ("ptr", dtype)), ("M", rows), ("N", width), ("n_patches", n_patches)]
+            ("out_ptr", ("ptr", dtype)), ("M", rows), ("N", width)]
     signature, values = _signature(_patch_gemm_kernel, args, constexprs)
     cases.append(dict(
         name="gemm", kernel=_patch_gemm_kernel, signature=signature, constexprs=constexprs, values=values,

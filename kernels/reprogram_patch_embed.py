@@ -328,12 +328,17 @@ def _backward_gemm_config(batch: int, n_patches: int, width: int, patch: int, ki
 
 def _canvas_config(h: int, w: int, canvas: int, resize: bool) -> dict:
     """A band of canvas rows per program, 32 columns per step (one mask word per row). Resizing
-    runs two tensor-core products per step: 64-row bands (one warpgroup), the source in blocks
-    of up to 64 rows x 128 columns (one column block covers sources up to 128 wide)."""
-    block_y = _pow2_between(canvas, 16, 64 if resize else 32)
-    block_w = _pow2_between(w, 16, 128)
-    return dict(BLOCK_Y=block_y, BLOCK_X=32, BLOCK_H=_pow2_between(h, 16, 64), BLOCK_W=block_w,
-                ONE_W_BLOCK=w <= block_w, num_warps=4, num_stages=2)
+    runs two tensor-core products per step on 64-row bands, the source in steps of 32 rows and
+    up to 128 columns; sources wider than 128 go in 16 x 64 blocks, recomputed per step. From
+    `ptxas -v` for sm_90a (bf16, sources 13, 32, 64, 128, 200, 256, 300): no spills with these;
+    a 128-column block for a 256-wide source, or 32-row bands with 128 columns, spill."""
+    if not resize:
+        return dict(BLOCK_Y=_pow2_between(canvas, 16, 32), BLOCK_X=32, BLOCK_H=16, BLOCK_W=16, ONE_W_BLOCK=True,
+                    num_warps=4, num_stages=2)
+    block_w = _pow2_between(w, 16, 128) if w <= 128 else 64
+    block_h = _pow2_between(h, 16, 32) if w <= 128 else 16
+    return dict(BLOCK_Y=_pow2_between(canvas, 16, 64), BLOCK_X=32, BLOCK_H=block_h,
+                BLOCK_W=block_w, ONE_W_BLOCK=w <= block_w, num_warps=4 if block_w <= 32 else 8, num_stages=2)
 
 
 def _ieee_fp32(weight: torch.Tensor) -> bool:

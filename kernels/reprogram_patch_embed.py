@@ -1,6 +1,107 @@
 """Padded image reprogramming fused with the ViT patch embedding (METHOD.md section 1).
 
-DOCSTRING PLACEHOLDER
+    tokens[b, n, :] = W @ patch_n( normalise( clamp( pad_o( bicubic_U(x_b) ) + P, 0, 1 ) ) )
+
+`x` is `[B, 3, h, w]`, uint8 (scaled by 1/255, the fp32 constant `UINT8_SCALE`, in the kernel
+and in the reference alike) or float in [0, 1]; `bicubic_U` resizes it to `U x U` (skipped when
+h == w == U); `pad_o` centres it on a zero `S x S` canvas at offset `o = (S - U) // 2`; `P` is the
+`[3, S, S]` perturbation shared by the batch; `normalise` is `(v - mean_c) / std_c`; `W` is the
+`[width, 3, p, p]` patch-embedding weight (stride `p`, no bias); patches are taken in raster
+order, as open_clip's `conv1 -> flatten -> permute` gives them. An optional positional
+embedding (`[(S/p)^2, width]`, the patch rows of open_clip's table) is added in the epilogue.
+
+Only `P` receives a gradient: images are data and `W` is frozen. With `g = dL/dtokens`,
+
+    dL/dP[c, y, x] = sum_b [0 < v_b(c, y, x) < 1] / std_c * (g[b, n(y, x)] @ W)[c, y % p, x % p]
+
+where `v` is the unclamped canvas value. The bounds are exclusive because that is what
+`torch.clamp(v, 0, 1)`'s backward does with scalar bounds: a value sitting exactly on 0 or 1
+passes no gradient. NaN in a float image is not checked (that needs a device sync): it reaches
+the tokens of its own image (the clamp propagates NaN; the kernel's matrix resize spreads it
+over the 64-row bands of its channel plane, the reference's over the 4 x 4 neighbourhood) and
+passes no gradient.
+
+Design (H200 / sm_90a)
+----------------------
+Three kernels. (1) `_reprogram_canvas_kernel` computes every reprogrammed, normalised pixel once
+and writes it in patch-row (im2col) layout `A[b * (S/p)^2 + n, (c, ky, kx)]` in the GEMM operand
+dtype, plus the clamp mask as bits (bit x % 32 of int32 word `[b, c, y, x / 32]`). The bicubic
+resize is separable: per image plane `Ry @ X @ Rx^T` with `Ry [S, h]`, `Rx [S, w]` built on the
+host once per call (taps, Keys weights, border clamping and the zero padding rows folded in), run
+as two tensor-core products per band (TF32x3, i.e. fp32-accurate; IEEE FMA when TF32 is off);
+each source element is read once per 64-row band. (2) `_patch_gemm_kernel`: tokens = A @ W^T
+(+ pos) with 128 x 128 x 64 tiles (bf16/fp16: 4 stages; TF32: 128 x 128 x 32, 3 stages),
+grouped program order (8 row tiles share W column tiles in L2), the K loop of compile-time
+length. (3) `_patch_grad_kernel`: G = dTokens @ W with rows ordered patch-major, one tile =
+128 images of one patch x 128 pixels; the epilogue reads each image's mask bit, sums the tile's
+images (fp32) and scales by 1/std_c, writing one partial row per image chunk; the partials
+(`ceil(B / 128)` of them) are summed once: deterministic, no atomics. 2352 programs at ViT-B/32
+B=256 (18 waves of 132 SMs).
+
+Why write A instead of keeping an A row block on chip while sweeping the N tiles: a 128-row
+block of A is 128 x 3 p^2 x 2 B = 768 KB at p = 32 (384 KB for 64 rows), more than the 228 KB
+of shared memory of an SM; only ViT-B/16 (192 KB) would fit, leaving nothing for the weight
+pipeline. Writing A costs 77 MB out and 77 MB back at ViT-B/32 B=256 bf16 (~36 us of HBM at
+4.3 TB/s) and buys a plain pipelined wgmma GEMM and a canvas computed exactly once. Why mask
+bits instead of recomputing the clamp in the backward: 4.8 MB written and read (B=256, S=224)
+against either the 16-tap bicubic per pixel again in the GEMM epilogue (the old kernel's cost)
+or re-reading A (77 MB), which cannot tell saturation from rounding. Bits are written only when
+a gradient will be asked for.
+
+Compulsory traffic and work, ViT-B/32, B=256, 32 -> 224, bf16 (`sm90_cases` computes them):
+forward = canvas 85.7 MB (fp32 images; 83.4 MB uint8) + GEMM 101.2 MB = 187 MB, 59.2 GFLOP
+(+ 2.8 GFLOP of resize, x3 for TF32x3); backward = 30.6 MB, 59.2 GFLOP. What the reference must
+move at the same shape (counted from its ops, not measured): eager ~2.1 GB forward (seven
+full-size fp32 passes over [256, 3, 224, 224] = 154 MB each, read + write) and ~2 GB backward;
+torch.compile(reference) fuses the pointwise chain into one pass that writes the bf16 canvas
+(~180-250 MB forward, about ours) but its backward writes the [B, 3, S, S] canvas gradient and
+reads it back with the saved mask (~200 MB against our 31 MB). ESTIMATED on the H200 (790
+TFLOP/s bf16, 4.3 TB/s; GEMMs at 70-80 % of peak, 4.45 waves for the forward GEMM): forward
+~0.12-0.15 ms, backward ~0.10-0.12 ms, against the issue's estimates of 1.15 / 0.54 ms (eager),
+0.48 / 0.26 ms (compiled reference) and 1.9 / 5.1 ms (the previous fused kernels). Not measured:
+no GPU was available.
+
+MEASURED offline (`triton.compile(..., target=GPUTarget("cuda", 90, 32))`, the triton 3.8
+wheel's `ptxas -v --gpu-name sm_90a` and `cuobjdump -sass`, with the launchers' configurations
+via `sm90_cases`; the kernels were compiled, never run). B=256 for ViT-B/32 and B/16, 128 for
+L/14; S = 224; fp32 means TF32 (the default, `cudnn.allow_tf32`). Registers / spill bytes /
+shared memory / CTAs per SM, MMA instruction, SASS instructions per iteration of the hot loop:
+
+    canvas, 32 px source   128-157 regs, 0 spill, 28 KB, 3-4 CTAs/SM, HGMMA.64x32x8.TF32,
+                           434-482 per 64 x 32 pixel step (4 warps)
+    canvas, 224 (no resize) 40-56 regs, 0 spill, <= 4 KB, 9-12 CTAs/SM, no MMA, 133-181 per
+                           32 x 32 pixel step
+    GEMM bf16               180-193 regs, 0 spill, 128 KB, 1 CTA/SM, HGMMA.64x128x16.BF16,
+                           104 per 64-wide K step (B/32), 152 (L/14: K = 588 is not a multiple
+                           of 64, masked 8-byte copies), fully unrolled at K = 768 (B/16)
+    GEMM fp32 (TF32)        142-153 regs, 0 spill, 96 KB, 1 CTA/SM, HGMMA.64x128x8.TF32, 85-86
+    gradient bf16           205-207 regs, 0 spill, 128 KB, 1 CTA/SM, HGMMA.64x128x16.BF16,
+                           97 per 64-wide width step (112 at L/14)
+    gradient fp32 (TF32)    209 regs, 0 spill, 96 KB, 1 CTA/SM, HGMMA.64x128x8.TF32, 111-114
+    IEEE fp32 (allow_tf32 off), ViT-B/32: FMA loops, 92-193 regs, no spills.
+Loads in the GEMM loops are cp.async (LDGSTS.128) issued 2-3 K steps ahead (`DEPBAR.LE SB0, 4`
+at the top of a 4-stage loop) and each wgmma group is waited for one iteration later.
+
+Warp instructions issued per token element (B (S/p)^2 width), all kernels of the pass, from the
+SASS (loop bodies x trip counts + straight-line code), previous kernels -> these:
+
+                        forward bf16       forward fp32      backward bf16     backward fp32
+    B/32  32 -> 224     102 -> 7.7 (13x)   106 -> 9.5 (11x)   83 -> 4.5 (19x)   97 -> 7.5 (13x)
+    B/32 224 -> 224      22 -> 5.1 (4.4x)   23 -> 6.9 (3.3x)  23 -> 4.5 (5.1x)  34 -> 7.5 (4.6x)
+    B/16  32 -> 224      23 -> 1.8 (13x)    24 -> 2.1 (12x)   21 -> 1.1 (18x)   24 -> 1.9 (13x)
+    B/16 224 -> 224     6.0 -> 1.1 (5.3x)  6.3 -> 1.4 (4.4x) 5.7 -> 1.1 (5.1x) 8.6 -> 1.9 (4.6x)
+    L/14  32 -> 224      26 -> 1.9 (14x)    27 -> 2.0 (13x)   12 -> 0.9 (13x)   14 -> 1.5 (9x)
+    L/14 224 -> 224     8.4 -> 1.6 (5.2x)  8.7 -> 1.7 (5.2x) 3.7 -> 0.9 (4.1x) 5.2 -> 1.5 (3.5x)
+
+Without a resize the previous kernels had little per-pixel work to repeat, so the gain there is
+3.3-5.3x, not the 5x aimed for: what is left is the canvas pass (~0.6 warp instructions per
+pixel: load, add, clamp, normalise, convert, mask bit; it is bound by its 77 MB of stores, not
+by issue) and the GEMM loop itself. The previous kernels used HGMMA 64x64 (forward) and
+64x8 / 64x16 (backward) with 2 stages.
+
+Layout of this file: the Triton kernels, the launch configurations and launchers, the
+compile-report description (`sm90_cases`), the PyTorch reference (test oracle, CPU path and
+export path), then the `reprogrammer::` operators and the public entry point.
 """
 from typing import Optional, Sequence
 

@@ -471,6 +471,24 @@ def _resize_matrix(size_in: int, size_out: int, canvas: int, offset: int, device
     return matrix.float()
 
 
+_RESIZE_CACHE: dict = {}  # (h, w, U, S, device) -> (Ry, Rx); eager calls only, a few entries
+
+
+def _resize_matrices(images, h, w, up_resolution, canvas, offset):
+    """Ry and Rx, cached for eager calls (building them is a dozen tiny launches); traced calls
+    build them in the graph, where the compiler fuses the construction."""
+    if torch.compiler.is_compiling() or is_fake(images):
+        return (_resize_matrix(h, up_resolution, canvas, offset, images.device),
+                _resize_matrix(w, up_resolution, canvas, offset, images.device))
+    key = (h, w, up_resolution, canvas, images.device)
+    if key not in _RESIZE_CACHE:
+        if len(_RESIZE_CACHE) >= 8:
+            _RESIZE_CACHE.pop(next(iter(_RESIZE_CACHE)))
+        _RESIZE_CACHE[key] = (_resize_matrix(h, up_resolution, canvas, offset, images.device),
+                              _resize_matrix(w, up_resolution, canvas, offset, images.device))
+    return _RESIZE_CACHE[key]
+
+
 def _canvas_launch(images, perturbation, up_resolution, patch, dtype, mean, std, store_bits, kind):
     """Arguments (name -> value, kernel order), grid and meta-parameters of the canvas kernel."""
     batch, _, h, w = images.shape
@@ -503,8 +521,7 @@ def reprogram_patch_rows(images: torch.Tensor, perturbation: torch.Tensor, up_re
     bits = torch.empty((batch, 3, canvas, _mask_words(canvas)) if store_bits else (0,), device=images.device,
                        dtype=torch.int32)
     if resize:
-        resize_y = _resize_matrix(h, up_resolution, canvas, args["offset"], images.device)
-        resize_x = _resize_matrix(w, up_resolution, canvas, args["offset"], images.device)
+        resize_y, resize_x = _resize_matrices(images, h, w, up_resolution, canvas, args["offset"])
     else:
         resize_y = resize_x = perturbation  # never read
     torch.library.wrap_triton(_reprogram_canvas_kernel)[grid](

@@ -80,7 +80,11 @@ shared memory / CTAs per SM, MMA instruction, SASS instructions per iteration of
     gradient fp32 (TF32)    209 regs, 0 spill, 96 KB, 1 CTA/SM, HGMMA.64x128x8.TF32, 111-114
     IEEE fp32 (allow_tf32 off), ViT-B/32: FMA loops, 92-193 regs, no spills.
 Loads in the GEMM loops are cp.async (LDGSTS.128) issued 2-3 K steps ahead (`DEPBAR.LE SB0, 4`
-at the top of a 4-stage loop) and each wgmma group is waited for one iteration later.
+at the top of a 4-stage loop) and each wgmma group is waited for one iteration later. Issue is
+not the limit there (estimate): a 128 x 128 x 64 bf16 step is 2.1 MFLOP, ~1024 tensor-core
+cycles of an SM, while its 8 warps issue 8 x 104 instructions over 4 schedulers, ~210 cycles
+(~300 at L/14). The pointer bookkeeping left in the loop (~40 moves and adds) would go with TMA
+descriptors, not tried here: they need the GPU stack's descriptor support in wrap_triton.
 
 Warp instructions issued per token element (B (S/p)^2 width), all kernels of the pass, from the
 SASS (loop bodies x trip counts + straight-line code), previous kernels -> these:

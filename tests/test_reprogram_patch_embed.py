@@ -10,11 +10,18 @@ and `torch` (the PyTorch reference inside the op). The section at the end compar
 kernels in fp32 and bf16 at ViT-B/32 shapes and needs a GPU.
 """
 import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import triton
 from open_clip.constants import OPENAI_DATASET_MEAN as MEAN
 from open_clip.constants import OPENAI_DATASET_STD as STD
 
@@ -432,6 +439,47 @@ def test_sm90_cases_describe_the_launched_kernels(dtype):
     assert min(gemm["constexprs"]["BLOCK_M"], cases[2]["constexprs"]["BLOCK_M"]) >= 64
     assert min(gemm["constexprs"]["BLOCK_N"], cases[2]["constexprs"]["BLOCK_N"]) >= 128
     assert len(sm90_cases(8, 224, 224, 224, 224, 14, 1024, dtype, backward=False)) == 2
+
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+# Run in a fresh interpreter: with TRITON_INTERPRET=1 (set for this session) kernels cannot compile.
+SM90_BUILD = """
+import importlib, json, os, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+rpe = importlib.import_module("kernels.reprogram_patch_embed")
+out = {}
+for case in rpe.sm90_cases(256, 32, 32, 224, 224, 32, 768, "bf16"):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(case["signature"].items())
+             if kind.startswith("*") or (kind == "i32" and case["values"][name] % 16 == 0)}
+    source = ASTSource(fn=case["kernel"], signature=case["signature"], constexprs=case["constexprs"], attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
+    ptx = os.path.join(sys.argv[1], case["name"] + ".ptx")
+    open(ptx, "w").write(compiled.asm["ptx"])
+    report = subprocess.run([sys.argv[2], "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+                            capture_output=True, text=True, check=True)
+    out[case["name"]] = dict(ptxas=report.stdout + report.stderr, wgmma="wgmma.mma_async" in compiled.asm["ptx"])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="the triton wheel ships no ptxas here")
+def test_bf16_kernels_compile_for_sm90a_without_spills_and_with_wgmma(tmp_path):
+    """Offline sm_90a build of what the launchers run at ViT-B/32, B=256, 32 -> 224, bf16: no
+    register spills anywhere, and the two GEMMs issue wgmma (not mma.sync, not FMA loops)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", SM90_BUILD, str(tmp_path), str(PTXAS)], capture_output=True,
+                         text=True, env=env, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(results) == {"canvas", "gemm", "grad"}
+    for name, result in results.items():
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result["ptxas"])]
+        assert spills and not any(spills), f"{name}: {result['ptxas']}"
+        assert result["wgmma"] or name == "canvas", f"{name}: no wgmma in the PTX"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Triton when it is installed; otherwise stand-ins that let the kernel modules import.
 
 Triton has wheels for Linux only. Without it, `@triton.jit` leaves the kernel functions as plain
-(never called) functions, `tl.constexpr` annotations evaluate, and `use_triton` sends every op to
-its PyTorch reference.
+(never called) functions and `tl.constexpr` annotations evaluate; `use_triton` then sends every
+op to its PyTorch reference. Host code must not need Triton (see `launch.cdiv`): the stand-in
+`triton` has `jit` and nothing else, so such a use fails loudly.
 """
 try:
     import triton
@@ -12,15 +13,17 @@ try:
 except ImportError:
     AVAILABLE = False
 
-    class _Absent:
-        """Answers any attribute with itself; called on a function, returns it (the `jit` decorator)."""
+    class _Triton:
+        @staticmethod
+        def jit(fn=None, **options):
+            return fn if fn is not None else (lambda f: f)
+
+    class _Language:
+        """Answers any attribute (kernel annotations such as `tl.constexpr`) with itself."""
 
         def __getattr__(self, name):
             return self
 
-        def __call__(self, *args, **kwargs):
-            return args[0] if len(args) == 1 and callable(args[0]) and not kwargs else self
-
-    triton = tl = _Absent()
+    triton, tl = _Triton(), _Language()
 
 __all__ = ["AVAILABLE", "triton", "tl"]

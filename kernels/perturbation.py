@@ -1,4 +1,4 @@
-"""The learned border perturbation `P = dropout(tanh(delta * M))` (METHOD.md section 1, step 4).
+"""The learned border perturbation `P = dropout(tanh(delta * M))` (docs/method.md section 1, step 4).
 
 `M` is ones on the canvas except a centred `R x R` square of zeros, so the centre of the
 upsampled image is never perturbed and only `3 * (S^2 - R^2)` entries of `delta` matter.

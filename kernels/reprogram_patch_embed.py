@@ -1,9 +1,10 @@
-"""Padded image reprogramming fused with the ViT patch embedding (METHOD.md section 1).
+"""Padded image reprogramming fused with the ViT patch embedding (docs/method.md section 1).
 
     tokens[b, n, :] = W @ patch_n( normalise( clamp( pad_o( bicubic_U(x_b) ) + P, 0, 1 ) ) )
 
-`x` is `[B, 3, h, w]` in [0, 1]; `bicubic_U` resizes it to `U x U` (skipped when h == w == U);
-`pad_o` centres it on a zero `S x S` canvas at offset `o = (S - U) // 2`; `P` is the
+`x` is `[B, 3, h, w]`, uint8 (scaled by 1/255, the fp32 constant `UINT8_SCALE`, in the kernel
+and in the reference alike) or float in [0, 1]; `bicubic_U` resizes it to `U x U` (skipped when
+h == w == U); `pad_o` centres it on a zero `S x S` canvas at offset `o = (S - U) // 2`; `P` is the
 `[3, S, S]` perturbation shared by the batch; `normalise` is `(v - mean_c) / std_c`; `W` is the
 `[width, 3, p, p]` patch-embedding weight (stride `p`, no bias); patches are taken in raster
 order, as open_clip's `conv1 -> flatten -> permute` gives them. An optional positional
@@ -15,10 +16,96 @@ Only `P` receives a gradient: images are data and `W` is frozen. With `g = dL/dt
 
 where `v` is the unclamped canvas value. The bounds are exclusive because that is what
 `torch.clamp(v, 0, 1)`'s backward does with scalar bounds: a value sitting exactly on 0 or 1
+passes no gradient. NaN in a float image is not checked (that needs a device sync): it reaches
+the tokens of its own image (the clamp propagates NaN; the kernel's matrix resize spreads it
+over the 64-row bands of its channel plane, the reference's over the 4 x 4 neighbourhood) and
 passes no gradient.
 
-Layout of this file: the Triton kernels, their launchers, the PyTorch reference (test oracle,
-CPU path and export path), then the `reprogrammer::` operators and the public entry point.
+Design (H200 / sm_90a)
+----------------------
+Three kernels. (1) `_reprogram_canvas_kernel` computes every reprogrammed, normalised pixel once
+and writes it in patch-row (im2col) layout `A[b * (S/p)^2 + n, (c, ky, kx)]` in the GEMM operand
+dtype, plus the clamp mask as bits (bit x % 32 of int32 word `[b, c, y, x / 32]`). The bicubic
+resize is separable: per image plane `Ry @ X @ Rx^T` with `Ry [S, h]`, `Rx [S, w]` built on the
+host once per call (taps, Keys weights, border clamping and the zero padding rows folded in), run
+as two tensor-core products per band (TF32x3, i.e. fp32-accurate; IEEE FMA when TF32 is off);
+each source element is read once per 64-row band. (2) `_patch_gemm_kernel`: tokens = A @ W^T
+(+ pos) with 128 x 128 x 64 tiles (bf16/fp16: 4 stages; TF32: 128 x 128 x 32, 3 stages),
+grouped program order (8 row tiles share W column tiles in L2), the K loop of compile-time
+length. (3) `_patch_grad_kernel`: G = dTokens @ W with rows ordered patch-major, one tile =
+128 images of one patch x 128 pixels; the epilogue reads each image's mask bit, sums the tile's
+images (fp32) and scales by 1/std_c, writing one partial row per image chunk; the partials
+(`ceil(B / 128)` of them) are summed once: deterministic, no atomics. 2352 programs at ViT-B/32
+B=256 (18 waves of 132 SMs).
+
+Why write A instead of keeping an A row block on chip while sweeping the N tiles: a 128-row
+block of A is 128 x 3 p^2 x 2 B = 768 KB at p = 32 (384 KB for 64 rows), more than the 228 KB
+of shared memory of an SM; only ViT-B/16 (192 KB) would fit, leaving nothing for the weight
+pipeline. Writing A costs 77 MB out and 77 MB back at ViT-B/32 B=256 bf16 (~36 us of HBM at
+4.3 TB/s) and buys a plain pipelined wgmma GEMM and a canvas computed exactly once. Why mask
+bits instead of recomputing the clamp in the backward: 4.8 MB written and read (B=256, S=224)
+against either the 16-tap bicubic per pixel again in the GEMM epilogue (the old kernel's cost)
+or re-reading A (77 MB), which cannot tell saturation from rounding. Bits are written only when
+a gradient will be asked for.
+
+Compulsory traffic and work, ViT-B/32, B=256, 32 -> 224, bf16 (`sm90_cases` computes them):
+forward = canvas 85.7 MB (fp32 images; 83.4 MB uint8) + GEMM 101.2 MB = 187 MB, 59.2 GFLOP
+(+ 2.8 GFLOP of resize, x3 for TF32x3); backward = 30.6 MB, 59.2 GFLOP. What the reference must
+move at the same shape (counted from its ops, not measured): eager ~2.1 GB forward (seven
+full-size fp32 passes over [256, 3, 224, 224] = 154 MB each, read + write) and ~2 GB backward;
+torch.compile(reference) fuses the pointwise chain into one pass that writes the bf16 canvas
+(~180-250 MB forward, about ours) but its backward writes the [B, 3, S, S] canvas gradient and
+reads it back with the saved mask (~200 MB against our 31 MB). ESTIMATED on the H200 (790
+TFLOP/s bf16, 4.3 TB/s; GEMMs at 70-80 % of peak, 4.45 waves for the forward GEMM): forward
+~0.12-0.15 ms, backward ~0.10-0.12 ms, against the issue's estimates of 1.15 / 0.54 ms (eager),
+0.48 / 0.26 ms (compiled reference) and 1.9 / 5.1 ms (the previous fused kernels). Not measured:
+no GPU was available.
+
+MEASURED offline (`triton.compile(..., target=GPUTarget("cuda", 90, 32))`, the triton 3.8
+wheel's `ptxas -v --gpu-name sm_90a` and `cuobjdump -sass`, with the launchers' configurations
+via `sm90_cases`; the kernels were compiled, never run). B=256 for ViT-B/32 and B/16, 128 for
+L/14; S = 224; fp32 means TF32 (the default, `cudnn.allow_tf32`). Registers / spill bytes /
+shared memory / CTAs per SM, MMA instruction, SASS instructions per iteration of the hot loop:
+
+    canvas, 32 px source   128-157 regs, 0 spill, 28 KB, 3-4 CTAs/SM, HGMMA.64x32x8.TF32,
+                           434-482 per 64 x 32 pixel step (4 warps)
+    canvas, 224 (no resize) 40-56 regs, 0 spill, <= 4 KB, 9-12 CTAs/SM, no MMA, 133-181 per
+                           32 x 32 pixel step
+    GEMM bf16               180-193 regs, 0 spill, 128 KB, 1 CTA/SM, HGMMA.64x128x16.BF16,
+                           104 per 64-wide K step (B/32), 152 (L/14: K = 588 is not a multiple
+                           of 64, masked 8-byte copies), fully unrolled at K = 768 (B/16)
+    GEMM fp32 (TF32)        142-153 regs, 0 spill, 96 KB, 1 CTA/SM, HGMMA.64x128x8.TF32, 85-86
+    gradient bf16           205-207 regs, 0 spill, 128 KB, 1 CTA/SM, HGMMA.64x128x16.BF16,
+                           97 per 64-wide width step (112 at L/14)
+    gradient fp32 (TF32)    209 regs, 0 spill, 96 KB, 1 CTA/SM, HGMMA.64x128x8.TF32, 111-114
+    IEEE fp32 (allow_tf32 off), ViT-B/32: FMA loops, 92-193 regs, no spills.
+Loads in the GEMM loops are cp.async (LDGSTS.128) issued 2-3 K steps ahead (`DEPBAR.LE SB0, 4`
+at the top of a 4-stage loop) and each wgmma group is waited for one iteration later. Issue is
+not the limit there (estimate): a 128 x 128 x 64 bf16 step is 2.1 MFLOP, ~1024 tensor-core
+cycles of an SM, while its 8 warps issue 8 x 104 instructions over 4 schedulers, ~210 cycles
+(~300 at L/14). The pointer bookkeeping left in the loop (~40 moves and adds) would go with TMA
+descriptors, not tried here: they need the GPU stack's descriptor support in wrap_triton.
+
+Warp instructions issued per token element (B (S/p)^2 width), all kernels of the pass, from the
+SASS (loop bodies x trip counts + straight-line code), previous kernels -> these:
+
+                        forward bf16       forward fp32      backward bf16     backward fp32
+    B/32  32 -> 224     102 -> 7.7 (13x)   106 -> 9.5 (11x)   83 -> 4.5 (19x)   97 -> 7.5 (13x)
+    B/32 224 -> 224      22 -> 5.1 (4.4x)   23 -> 6.9 (3.3x)  23 -> 4.5 (5.1x)  34 -> 7.5 (4.6x)
+    B/16  32 -> 224      23 -> 1.8 (13x)    24 -> 2.1 (12x)   21 -> 1.1 (18x)   24 -> 1.9 (13x)
+    B/16 224 -> 224     6.0 -> 1.1 (5.3x)  6.3 -> 1.4 (4.4x) 5.7 -> 1.1 (5.1x) 8.6 -> 1.9 (4.6x)
+    L/14  32 -> 224      26 -> 1.9 (14x)    27 -> 2.0 (13x)   12 -> 0.9 (13x)   14 -> 1.5 (9x)
+    L/14 224 -> 224     8.4 -> 1.6 (5.2x)  8.7 -> 1.7 (5.2x) 3.7 -> 0.9 (4.1x) 5.2 -> 1.5 (3.5x)
+
+Without a resize the previous kernels had little per-pixel work to repeat, so the gain there is
+3.3-5.3x, not the 5x aimed for: what is left is the canvas pass (~0.6 warp instructions per
+pixel: load, add, clamp, normalise, convert, mask bit; it is bound by its 77 MB of stores, not
+by issue) and the GEMM loop itself. The previous kernels used HGMMA 64x64 (forward) and
+64x8 / 64x16 (backward) with 2 stages.
+
+Layout of this file: the Triton kernels, the launch configurations and launchers, the
+compile-report description (`sm90_cases`), the PyTorch reference (test oracle, CPU path and
+export path), then the `reprogrammer::` operators and the public entry point.
 """
 from typing import Optional, Sequence
 
@@ -28,287 +115,326 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ._triton import tl, triton
 from .backend import use_triton
+from .launch import cdiv, pow2_between
+
+UINT8_SCALE = 1.0 / 255.0  # uint8 pixels -> [0, 1]; the kernel and the reference both multiply by it
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 #
-# Both kernels see the canvas through the same function: for canvas pixel (c, y, x) of image b,
-# the source coordinate is (y - o, x - o); outside [0, U)^2 the image contributes 0. Inside, when
-# resizing, PyTorch's bicubic (align_corners=False) is reproduced step by step:
-#     scale = h / U,  real = scale * (i + 0.5) - 0.5,  i0 = min(floor(real), h - 1),
-#     t = clamp(real - i0, 0, 1),  taps i0-1 .. i0+2 clamped to [0, h - 1],
-#     weights = Keys' cubic convolution with A = -0.75 at distances 1+t, t, 1-t, 2-t,
-# first along x for each of the four rows, then along y (the order PyTorch sums in).
+# Canvas pixel (c, y, x) of image b goes to the patch-row matrix (im2col layout) at
+#     A[b * (S/p)^2 + (y / p) * (S/p) + x / p,  c * p^2 + (y % p) * p + x % p],
+# the row/column order of open_clip's conv1 -> flatten -> permute and of the weight's [3, p, p].
+# `p` and `S` are compile-time constants, so these divisions are multiply-shifts.
 #
-# Forward: a GEMM with M = B * (S/p)^2 patch rows, K = 3 * p * p, N = width. Row m is patch
-# n = m mod (S/p)^2 of image b = m div (S/p)^2; column k is (c, ky, kx) in the weight's
-# [3, p, p] order, so A[m, k] = normalise(clamp(v_b(c, top_n + ky, left_n + kx))) is computed on
-# the fly per K tile and never written out. Every program owns one (M, N) output tile.
-#
-# Backward: patches do not overlap (stride = kernel size), so each (patch n, k) pair is exactly
-# one perturbation pixel. A program owns a tile of patches x K columns, loops over its share of
-# the batch, forms (g[b, tile] @ W[:, K tile]) with an inner loop over width, masks it with the
-# clamp condition of image b and accumulates in fp32; the batch shares go to an fp32 partial
-# buffer that is summed once.
+# Resizing is separable and linear: the bicubic resize of one image plane X [h, w], placed on
+# the canvas, is  Ry @ X @ Rx^T  with Ry [S, h] and Rx [S, w] built once per call on the host
+# (`_resize_matrix`): row y of Ry holds the four Keys weights (A = -0.75, half-pixel centres) at
+# the border-clamped taps of canvas row y, summed where clamped taps coincide, and is all zero
+# in the padding. The kernel evaluates it as two small tensor-core products per band of canvas
+# rows; each source element is loaded once per band, each canvas pixel is produced once.
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _cubic_weights(t):
-    """The four bicubic tap weights for fraction `t` (PyTorch's get_cubic_upsample_coefficients)."""
-    far_left = t + 1.0
-    near_right = 1.0 - t
-    far_right = near_right + 1.0
-    # |d| in [1, 2): ((A d - 5A) d + 8A) d - 4A; |d| < 1: ((A + 2) d - (A + 3)) d d + 1; A = -0.75.
-    w0 = ((-0.75 * far_left + 3.75) * far_left - 6.0) * far_left + 3.0
-    w1 = (1.25 * t - 2.25) * t * t + 1.0
-    w2 = (1.25 * near_right - 2.25) * near_right * near_right + 1.0
-    w3 = ((-0.75 * far_right + 3.75) * far_right - 6.0) * far_right + 3.0
-    return w0, w1, w2, w3
-
-
-@triton.jit
-def _cubic_taps(dst, in_size, out_size):
-    """Fraction `t` and the four border-clamped source taps of output coordinate `dst`
-    (half-pixel centres, no corner alignment)."""
-    # tl.cast, not .to(): an int argument equal to 1 arrives as a constexpr.
-    scale = tl.math.div_rn(tl.cast(in_size, tl.float32), tl.cast(out_size, tl.float32))
-    real = scale * (dst.to(tl.float32) + 0.5) - 0.5
-    last = in_size - 1
-    first = tl.minimum(tl.floor(real).to(tl.int32), last)
-    t = tl.clamp(real - first.to(tl.float32), 0.0, 1.0)
-    i0 = tl.minimum(tl.maximum(first - 1, 0), last)
-    i1 = tl.minimum(tl.maximum(first, 0), last)
-    i2 = tl.minimum(tl.maximum(first + 1, 0), last)
-    i3 = tl.minimum(tl.maximum(first + 2, 0), last)
-    return t, i0, i1, i2, i3
-
-
-@triton.jit
-def _cubic_row(row_ptr, x0, x1, x2, x3, wx0, wx1, wx2, wx3, mask):
-    """One source row interpolated along x."""
-    return (wx0 * tl.load(row_ptr + x0, mask=mask, other=0.0).to(tl.float32)
-            + wx1 * tl.load(row_ptr + x1, mask=mask, other=0.0).to(tl.float32)
-            + wx2 * tl.load(row_ptr + x2, mask=mask, other=0.0).to(tl.float32)
-            + wx3 * tl.load(row_ptr + x3, mask=mask, other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _canvas_values(
-    images_ptr,        # [B, 3, h, w] contiguous source images
-    perturbation_ptr,  # [3, S, S] contiguous perturbation P
-    b,                 # image index (int64), broadcastable against y / x
-    c,                 # channel index, broadcastable against y / x
-    y, x,              # canvas coordinates of the tile
-    valid,             # tile mask: False for rows / columns past the end of the problem
-    h, w,              # source image size
-    canvas,            # S
-    up_res,            # U
-    offset,            # o = (S - U) // 2
-    RESIZE: tl.constexpr,  # whether (h, w) != (U, U), i.e. whether to sample bicubically
-):
-    """Unclamped canvas value v = pad_o(bicubic_U(x_b))[c, y, x] + P[c, y, x] in fp32."""
-    iy = y - offset
-    ix = x - offset
-    inside = valid & (iy >= 0) & (iy < up_res) & (ix >= 0) & (ix < up_res)
-    plane = images_ptr + (b * 3 + c) * h * w
-    if RESIZE:
-        ty, y0, y1, y2, y3 = _cubic_taps(iy, h, up_res)
-        tx, x0, x1, x2, x3 = _cubic_taps(ix, w, up_res)
-        wy0, wy1, wy2, wy3 = _cubic_weights(ty)
-        wx0, wx1, wx2, wx3 = _cubic_weights(tx)
-        image = (wy0 * _cubic_row(plane + y0 * w, x0, x1, x2, x3, wx0, wx1, wx2, wx3, inside)
-                 + wy1 * _cubic_row(plane + y1 * w, x0, x1, x2, x3, wx0, wx1, wx2, wx3, inside)
-                 + wy2 * _cubic_row(plane + y2 * w, x0, x1, x2, x3, wx0, wx1, wx2, wx3, inside)
-                 + wy3 * _cubic_row(plane + y3 * w, x0, x1, x2, x3, wx0, wx1, wx2, wx3, inside))
-    else:
-        image = tl.load(plane + iy * w + ix, mask=inside, other=0.0).to(tl.float32)
-    delta = tl.load(perturbation_ptr + (c * canvas + y) * canvas + x, mask=valid, other=0.0)
-    return image + delta.to(tl.float32)
 
 
 @triton.jit
 def _channel_select(c, v0, v1, v2):
-    """Per-channel scalar (mean or std) for a vector of channel indices."""
+    """Per-channel scalar (mean or 1/std) for a channel index (scalar or vector)."""
     return tl.where(c == 0, v0, tl.where(c == 1, v1, v2))
 
 
 @triton.jit
-def _mma(a, b, acc, IEEE_FP32: tl.constexpr):
-    """acc + a @ b; fp32 operands use exact fp32 products when IEEE_FP32, TF32 otherwise."""
-    if IEEE_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+def _resized_rows(
+    src,               # pointer to the image plane [h, w]
+    resize_y_ptr,      # [S, h] fp32 row-resize matrix Ry
+    ys, y_ok,          # canvas rows of the band and their bounds mask
+    w0,                # first source column of this column block
+    h, w,              # source size
+    scale,             # 1/255 for uint8 images, 1 otherwise
+    BLOCK_Y: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """(Ry[ys, :] @ X[:, w0:w0 + BLOCK_W]) in fp32: the band's rows resized along y only."""
+    ws = w0 + tl.arange(0, BLOCK_W)
+    w_ok = ws < w
+    rows = tl.zeros((BLOCK_Y, BLOCK_W), dtype=tl.float32)
+    for h0 in range(0, h, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hs < h
+        ry = tl.load(resize_y_ptr + ys[:, None] * h + hs[None, :], mask=y_ok[:, None] & h_ok[None, :], other=0.0)
+        x = tl.load(src + hs[:, None] * w + ws[None, :], mask=h_ok[:, None] & w_ok[None, :], other=0)
+        rows = tl.dot(ry, x.to(tl.float32) * scale, rows, input_precision=DOT_PRECISION)
+    return rows
 
 
 @triton.jit
-def _reprogram_patch_embed_fwd_kernel(
-    images_ptr,        # [B, 3, h, w] contiguous source images
-    perturbation_ptr,  # [3, S, S] contiguous perturbation
-    weight_ptr,        # [width, 3 * p * p] patch weight (row-major view of [width, 3, p, p])
-    pos_embed_ptr,     # [(S/p)^2, width] positional embedding; ignored unless HAS_POS
-    tokens_ptr,        # [B, (S/p)^2, width] output, in the weight's dtype
-    batch,             # B
-    width,             # N of the GEMM
+def _reprogram_canvas_kernel(
+    images_ptr,        # [B, 3, h, w] contiguous source images (uint8, or float in [0, 1])
+    perturbation_ptr,  # [3, S, S] contiguous perturbation P
+    resize_y_ptr,      # [S, h] fp32 Ry (zero rows in the padding); unused unless RESIZE
+    resize_x_ptr,      # [S, w] fp32 Rx; unused unless RESIZE
+    a_ptr,             # out [B * (S/p)^2, 3 * p * p] patch rows, in the GEMM operand dtype
+    bits_ptr,          # out [B, 3, S, ceil(S/32)] int32 clamp mask, bit x%32 of word x/32 = [0 < v < 1]
     h, w,              # source image size
-    canvas,            # S
-    up_res,            # U
+    up_res,            # U (no-resize path: the image covers canvas [o, o + U)^2)
     offset,            # o = (S - U) // 2
-    mean0, mean1, mean2,  # per-channel normalisation mean
-    std0, std1, std2,     # per-channel normalisation std
-    PATCH: tl.constexpr,      # p
-    RESIZE: tl.constexpr,     # sample bicubically ((h, w) != (U, U))
-    HAS_POS: tl.constexpr,    # add pos_embed in the epilogue
-    IEEE_FP32: tl.constexpr,  # exact fp32 products for fp32 operands (else TF32)
-    BLOCK_M: tl.constexpr,    # patch rows per program
-    BLOCK_N: tl.constexpr,    # output features per program
-    BLOCK_K: tl.constexpr,    # reduction step over 3 * p * p
+    scale,             # 1/255 for uint8 images, 1 for float images
+    mean0, mean1, mean2,           # per-channel normalisation mean
+    inv_std0, inv_std1, inv_std2,  # per-channel 1 / std
+    CANVAS: tl.constexpr,      # S
+    PATCH: tl.constexpr,       # p
+    RESIZE: tl.constexpr,      # (h, w) != (U, U): resample bicubically through Ry, Rx
+    ONE_W_BLOCK: tl.constexpr,  # w <= BLOCK_W: the y-resized rows are computed once per band
+    STORE_BITS: tl.constexpr,  # write the clamp mask (only when a gradient will be asked for)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32x3": the resize stays fp32-accurate
+    BLOCK_Y: tl.constexpr,     # canvas rows per program
+    BLOCK_X: tl.constexpr,     # canvas columns per step (a multiple of 32: whole mask words)
+    BLOCK_H: tl.constexpr,     # source rows per resize step
+    BLOCK_W: tl.constexpr,     # source columns per resize step
 ):
+    """One program: plane (b, c) = program_id(0), canvas rows program_id(1) * BLOCK_Y + [0, BLOCK_Y),
+    all columns. Writes normalise(clamp(pad(resize(x)) + P)) into A and the clamp mask bits."""
+    SIDE: tl.constexpr = CANVAS // PATCH
     K: tl.constexpr = 3 * PATCH * PATCH
-    side = canvas // PATCH
-    n_patches = side * side
-    num_n = tl.cdiv(width, BLOCK_N)
+    WORDS: tl.constexpr = (CANVAS + 31) // 32
+    plane = tl.program_id(0)
+    b = plane // 3
+    c = plane % 3
+    mean = _channel_select(c, mean0, mean1, mean2)
+    inv_std = _channel_select(c, inv_std0, inv_std1, inv_std2)
+    ys = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    y_ok = ys < CANVAS
+    src = images_ptr + plane.to(tl.int64) * h * w
+    # A offset = row part (image, patch row, ky, channel) + column part (patch column, kx).
+    a_rows = (b.to(tl.int64) * (SIDE * SIDE) + (ys // PATCH) * SIDE) * K + c * (PATCH * PATCH) + (ys % PATCH) * PATCH
+    bit_rows = (plane.to(tl.int64) * CANVAS + ys) * WORDS
+    if RESIZE:
+        if ONE_W_BLOCK:
+            rows = _resized_rows(src, resize_y_ptr, ys, y_ok, 0, h, w, scale,
+                                 BLOCK_Y, BLOCK_H, BLOCK_W, DOT_PRECISION)
+    for x0 in range(0, CANVAS, BLOCK_X):
+        xs = x0 + tl.arange(0, BLOCK_X)
+        x_ok = xs < CANVAS
+        ok = y_ok[:, None] & x_ok[None, :]
+        if RESIZE:
+            if ONE_W_BLOCK:
+                ws = tl.arange(0, BLOCK_W)
+                rx_t = tl.load(resize_x_ptr + xs[None, :] * w + ws[:, None],
+                               mask=(ws < w)[:, None] & x_ok[None, :], other=0.0)
+                image = tl.dot(rows, rx_t, input_precision=DOT_PRECISION)
+            else:
+                image = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
+                for w0 in range(0, w, BLOCK_W):
+                    part = _resized_rows(src, resize_y_ptr, ys, y_ok, w0, h, w, scale,
+                                         BLOCK_Y, BLOCK_H, BLOCK_W, DOT_PRECISION)
+                    ws = w0 + tl.arange(0, BLOCK_W)
+                    rx_t = tl.load(resize_x_ptr + xs[None, :] * w + ws[:, None],
+                                   mask=(ws < w)[:, None] & x_ok[None, :], other=0.0)
+                    image = tl.dot(part, rx_t, image, input_precision=DOT_PRECISION)
+        else:
+            iy = ys - offset
+            ix = xs - offset
+            inside = ((iy >= 0) & (iy < up_res))[:, None] & ((ix >= 0) & (ix < up_res))[None, :]
+            image = tl.load(src + iy[:, None] * w + ix[None, :], mask=inside, other=0).to(tl.float32) * scale
+        delta = tl.load(perturbation_ptr + (c * CANVAS + ys[:, None]) * CANVAS + xs[None, :], mask=ok, other=0.0)
+        v = image + delta.to(tl.float32)
+        a = (tl.clamp(v, 0.0, 1.0, propagate_nan=tl.PropagateNan.ALL) - mean) * inv_std
+        a_cols = (xs // PATCH) * K + xs % PATCH
+        tl.store(a_ptr + a_rows[:, None] + a_cols[None, :], a.to(a_ptr.dtype.element_ty), mask=ok)
+        if STORE_BITS:
+            # Outside the canvas v is 0, so padding bits of the last word are 0.
+            live = ((v > 0.0) & (v < 1.0)).to(tl.int32) << (xs % 32)[None, :]
+            words = tl.sum(tl.reshape(live, (BLOCK_Y, BLOCK_X // 32, 32)), axis=2)
+            word = x0 // 32 + tl.arange(0, BLOCK_X // 32)
+            tl.store(bits_ptr + bit_rows[:, None] + word[None, :], words,
+                     mask=y_ok[:, None] & (word < WORDS)[None, :])
+
+
+@triton.jit
+def _patch_gemm_kernel(
+    a_ptr,        # [M, K] patch rows (M = B * (S/p)^2)
+    weight_ptr,   # [N, K] patch weight (row-major view of [width, 3, p, p])
+    pos_ptr,      # [(S/p)^2, N] positional embedding; unused unless HAS_POS
+    out_ptr,      # out [M, N] tokens
+    M,            # B * (S/p)^2
+    N,            # width
+    K: tl.constexpr,              # 3 * p * p
+    N_PATCHES: tl.constexpr,      # (S/p)^2: token row m is patch m % N_PATCHES (a multiply-shift)
+    HAS_POS: tl.constexpr,        # add pos_embed in the epilogue
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands; ignored for 16-bit ones
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,        # row tiles per L2 group (programs of a group share W column tiles)
+):
+    """tokens = A @ W^T (+ pos): a plain pipelined GEMM; the K loop has a compile-time trip count."""
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
     pid = tl.program_id(0)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < batch * n_patches
-    b = (rows // n_patches).to(tl.int64)
-    patch = rows % n_patches
-    top = (patch // side) * PATCH
-    left = (patch % side) * PATCH
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < width
-
+    # Past-the-end rows / columns read a valid row instead (stores are masked): unmasked loads.
+    rows_in = tl.where(rows < M, rows, M - 1)
+    cols_in = tl.where(cols < N, cols, N - 1)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_in.to(tl.int64)[:, None] * K + ks[None, :]
+    w_ptrs = weight_ptr + cols_in[None, :] * K + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        c = ks // (PATCH * PATCH)
-        ky = (ks // PATCH) % PATCH
-        kx = ks % PATCH
-        valid = row_ok[:, None] & k_ok[None, :]
-        v = _canvas_values(images_ptr, perturbation_ptr, b[:, None], c[None, :],
-                           top[:, None] + ky[None, :], left[:, None] + kx[None, :], valid,
-                           h, w, canvas, up_res, offset, RESIZE)
-        mean = _channel_select(c, mean0, mean1, mean2)
-        std = _channel_select(c, std0, std1, std2)
-        a = (tl.clamp(v, 0.0, 1.0, propagate_nan=tl.PropagateNan.ALL) - mean[None, :]) / std[None, :]
-        a = tl.where(valid, a, 0.0)
-        weight = tl.load(weight_ptr + cols[None, :] * K + ks[:, None],
-                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(a.to(weight.dtype), weight, acc, IEEE_FP32)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + ks < K)[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=(k0 + ks < K)[:, None], other=0.0)
+        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
 
-    out_mask = row_ok[:, None] & col_ok[None, :]
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_POS:
-        pos = tl.load(pos_embed_ptr + patch[:, None] * width + cols[None, :], mask=out_mask, other=0.0)
+        # int32 row index: the modulo by a constant stays cheap; columns masked, not clamped (vector loads).
+        pos = tl.load(pos_ptr + (rows_in % N_PATCHES)[:, None] * N + cols[None, :], mask=(cols < N)[None, :])
         acc += pos.to(tl.float32)
-    out = tokens_ptr + rows[:, None].to(tl.int64) * width + cols[None, :]
-    tl.store(out, acc.to(tokens_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + rows_in.to(tl.int64)[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _reprogram_patch_embed_bwd_kernel(
-    grad_ptr,          # [B, (S/p)^2, width] contiguous upstream gradient dL/dtokens
-    images_ptr,        # [B, 3, h, w] contiguous source images
-    perturbation_ptr,  # [3, S, S] contiguous perturbation
-    weight_ptr,        # [width, 3 * p * p] patch weight
-    partial_ptr,       # [chunks, 3, S, S] fp32: each batch chunk's share of dL/dP
-    batch,             # B
-    width,             # reduction length of g @ W
-    h, w,              # source image size
-    canvas,            # S
-    up_res,            # U
-    offset,            # o = (S - U) // 2
-    std0, std1, std2,  # per-channel normalisation std
-    batch_per_chunk,   # images per batch chunk (program_id(1) picks the chunk)
-    PATCH: tl.constexpr,      # p
-    RESIZE: tl.constexpr,     # sample bicubically ((h, w) != (U, U))
-    IEEE_FP32: tl.constexpr,  # exact fp32 products for fp32 operands (else TF32)
-    BLOCK_P: tl.constexpr,    # patches per program
-    BLOCK_K: tl.constexpr,    # (c, ky, kx) columns per program
-    BLOCK_W: tl.constexpr,    # reduction step over width
+def _patch_grad_kernel(
+    grad_ptr,      # [B, (S/p)^2, N] contiguous dL/dtokens
+    weight_ptr,    # [N, 3 * p * p] patch weight
+    bits_ptr,      # [B, 3, S, ceil(S/32)] int32 clamp mask written by the forward
+    partial_ptr,   # out [chunks, 3, S, S] fp32: each image chunk's share of dL/dP
+    batch,         # B
+    N,             # width (the reduction of this GEMM)
+    inv_std0, inv_std1, inv_std2,  # per-channel 1 / std
+    CANVAS: tl.constexpr,         # S
+    PATCH: tl.constexpr,          # p
+    EVEN_N: tl.constexpr,         # N % BLOCK_K == 0: no width mask in the reduction loop
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
+    BLOCK_M: tl.constexpr,        # images per program (rows of G for one patch)
+    BLOCK_N: tl.constexpr,        # (c, ky, kx) columns per program
+    BLOCK_K: tl.constexpr,        # reduction step over width
 ):
+    """G = dTokens @ W with rows in patch-major order (patch n, then image b): a program owns
+    BLOCK_M images of ONE patch x BLOCK_N pixels, so its epilogue masks each image's clamp bit,
+    sums the tile's images and writes one fp32 partial row of dL/dP per image chunk."""
+    SIDE: tl.constexpr = CANVAS // PATCH
+    N_PATCHES: tl.constexpr = SIDE * SIDE
     K: tl.constexpr = 3 * PATCH * PATCH
-    side = canvas // PATCH
-    n_patches = side * side
-    num_k = tl.cdiv(K, BLOCK_K)
+    WORDS: tl.constexpr = (CANVAS + 31) // 32
+    NUM_N: tl.constexpr = (K + BLOCK_N - 1) // BLOCK_N
+    EVEN_K: tl.constexpr = K % BLOCK_N == 0
     pid = tl.program_id(0)
-    pid_p = pid // num_k
-    pid_k = pid % num_k
-    chunk = tl.program_id(1)
+    chunks = tl.cdiv(batch, BLOCK_M)
+    pid_n = pid % NUM_N  # neighbouring programs share one dTokens row tile (L2 reuse)
+    chunk = (pid // NUM_N) % chunks
+    patch = pid // NUM_N // chunks
 
-    patches = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = patches < n_patches
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    images = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+    image_ok = images < batch
+    grad_rows = (images.to(tl.int64) * N_PATCHES + patch) * N
+    ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = ks < K
-    c = ks // (PATCH * PATCH)
-    y = (patches // side * PATCH)[:, None] + ((ks // PATCH) % PATCH)[None, :]
-    x = (patches % side * PATCH)[:, None] + (ks % PATCH)[None, :]
-    valid = p_ok[:, None] & k_ok[None, :]
+    ns = tl.arange(0, BLOCK_K)
+    g_ptrs = grad_ptr + grad_rows[:, None] + ns[None, :]
+    w_ptrs = weight_ptr + ns[:, None] * K + ks[None, :]  # a masked column, not a clamped index: keeps
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the contiguity for vector copies
+    for n0 in range(0, N, BLOCK_K):
+        if EVEN_N:
+            g = tl.load(g_ptrs, mask=image_ok[:, None], other=0.0)
+            if EVEN_K:
+                wt = tl.load(w_ptrs)
+            else:
+                wt = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        else:
+            n_ok = n0 + ns < N
+            g = tl.load(g_ptrs, mask=image_ok[:, None] & n_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(g.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+        g_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * K
 
-    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    # int64 bounds give an int64 loop index: b * n_patches * width may pass 2^31.
-    b_start = chunk.to(tl.int64) * batch_per_chunk
-    b_end = tl.minimum(b_start + batch_per_chunk, batch)
-    for b in range(b_start, b_end):
-        rows = b * n_patches + patches
-        grad_canvas = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-        for n0 in range(0, width, BLOCK_W):
-            ns = n0 + tl.arange(0, BLOCK_W)
-            n_ok = ns < width
-            g = tl.load(grad_ptr + rows[:, None] * width + ns[None, :],
-                        mask=p_ok[:, None] & n_ok[None, :], other=0.0)
-            weight = tl.load(weight_ptr + ns[:, None] * K + ks[None, :],
-                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            grad_canvas = _mma(g.to(weight.dtype), weight, grad_canvas, IEEE_FP32)
-        v = _canvas_values(images_ptr, perturbation_ptr, b, c[None, :], y, x, valid,
-                           h, w, canvas, up_res, offset, RESIZE)
-        acc += tl.where((v > 0.0) & (v < 1.0), grad_canvas, 0.0)
-
-    acc = acc / _channel_select(c, std0, std1, std2)[None, :]
-    out = partial_ptr + chunk.to(tl.int64) * 3 * canvas * canvas + (c[None, :] * canvas + y) * canvas + x
-    tl.store(out, acc, mask=valid)
+    ks_in = tl.where(k_ok, ks, K - 1)
+    c = ks_in // (PATCH * PATCH)
+    y = (patch // SIDE) * PATCH + (ks_in // PATCH) % PATCH
+    x = (patch % SIDE) * PATCH + ks_in % PATCH
+    # int32 offsets inside the image chunk (one add per element); the chunk's base in int64.
+    chunk_bits = bits_ptr + chunk.to(tl.int64) * (BLOCK_M * 3 * CANVAS * WORDS)
+    words = tl.load(chunk_bits + (tl.arange(0, BLOCK_M) * (3 * CANVAS * WORDS))[:, None]
+                    + (c * (CANVAS * WORDS) + y * WORDS + x // 32)[None, :], mask=image_ok[:, None], other=0)
+    live = ((words >> (x % 32)[None, :]) & 1) != 0
+    partial = tl.sum(tl.where(live, acc, 0.0), axis=0) * _channel_select(c, inv_std0, inv_std1, inv_std2)
+    out = partial_ptr + chunk.to(tl.int64) * (3 * CANVAS * CANVAS) + (c * CANVAS + y) * CANVAS + x
+    tl.store(out, partial, mask=k_ok)
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers: shapes in, block sizes chosen from them, outputs allocated here.
+# Launch configurations: one table, used by the launchers and by `sm90_cases` alike.
 # --------------------------------------------------------------------------------------------
 
 
-def _pow2_between(n: int, low: int, high: int) -> int:
-    """The power of two covering `n`, kept within [low, high] (tl.dot needs tiles of >= 16).
-    Only comparisons touch `n`, so a symbolic batch size under torch.compile(dynamic=True) works."""
-    size = low
-    while size < high and size < n:
-        size *= 2
-    return size
+SM_COUNT = 132  # H200; only used to size tiles so that a wave fills the GPU
+
+# GEMM tiles per operand kind (the autotune-free table): 16-bit operands use 128 x 128 tiles with
+# a 64-wide K step and 4 stages (2 x 16 KB per stage); TF32 halves the K step (same bytes per
+# stage); IEEE fp32 becomes FMA loops, where a 64-row tile keeps the accumulator in registers.
+_GEMM_TABLE = {
+    "16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    "tf32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    "ieee": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+}
 
 
-# Tile sizes, from compiling both kernels for sm_90 and reading `ptxas -v`: the register file,
-# not shared memory, is the limit. Bicubic sampling keeps 16 gathered taps and their indices
-# live per A element, so K tiles are 16 wide when resizing (32 without); 8 warps spread the
-# tile over more threads; one extra pipeline stage (2) is all the gathers leave room for
-# (3 stages overflow shared memory). The backward hoists each element's taps out of its batch
-# loop, hence its narrower width step. With these, bf16 compiles without register spills and
-# fp32 (TF32 or IEEE) with at most a few dozen bytes.
+def _operand_kind(dtype: torch.dtype, ieee_fp32: bool) -> str:
+    if dtype != torch.float32:
+        return "16bit"
+    return "ieee" if ieee_fp32 else "tf32"
 
 
-def _forward_config(rows: int, width: int, patch: int, resize: bool) -> dict:
-    block_m = _pow2_between(rows, 16, 64)
-    block_n = _pow2_between(width, 16, 128)
-    block_k = _pow2_between(3 * patch * patch, 16, 16 if resize else 32)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=8 if block_m * block_n >= 4096 else 4, num_stages=2)
+def _dot_precision(kind: str) -> str:
+    return "ieee" if kind == "ieee" else "tf32"
 
 
-def _backward_config(n_patches: int, width: int, patch: int, resize: bool) -> dict:
-    block_p = _pow2_between(n_patches, 16, 64)
-    block_k = _pow2_between(3 * patch * patch, 16, 16 if resize else 32)
-    block_w = _pow2_between(width, 16, 32 if resize else 64)
-    return dict(BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_W=block_w,
-                num_warps=8 if block_p * block_k >= 1024 else 4, num_stages=2)
+def _gemm_tiles(rows: int, cols: int, red: int, kind: str, repeats: int = 1) -> dict:
+    """Tiles for `repeats` independent [rows x red] @ [red x cols] products, shrunk to the problem
+    (interpreter-sized tests) and to 64 rows when 128-row tiles would leave SMs idle."""
+    top = _GEMM_TABLE[kind]
+    block_m = pow2_between(rows, 16, top["BLOCK_M"])
+    block_n = pow2_between(cols, 16, top["BLOCK_N"])
+    if block_m == 128 and repeats * cdiv(rows, 128) * cdiv(cols, block_n) < 2 * SM_COUNT:
+        block_m = 64
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=pow2_between(red, 16, top["BLOCK_K"]),
+                num_warps=top["num_warps"] if block_m * block_n >= 8192 else 4, num_stages=top["num_stages"])
+
+
+def _forward_gemm_config(rows: int, width: int, patch: int, kind: str) -> dict:
+    return dict(_gemm_tiles(rows, width, 3 * patch * patch, kind), GROUP_M=8)
+
+
+def _backward_gemm_config(batch: int, n_patches: int, width: int, patch: int, kind: str) -> dict:
+    """Rows of G are (patch, image) pairs, but a tile never spans two patches: one product of
+    [B x width] @ [width x 3 p^2] per patch."""
+    return _gemm_tiles(batch, 3 * patch * patch, width, kind, repeats=n_patches)
+
+
+def _canvas_config(h: int, w: int, canvas: int, resize: bool) -> dict:
+    """A band of canvas rows per program, 32 columns per step (one mask word per row). Resizing
+    runs two tensor-core products per step on 64-row bands, the source in steps of 32 rows and
+    up to 128 columns; sources wider than 128 go in 16 x 64 blocks, recomputed per step. From
+    `ptxas -v` for sm_90a (bf16, sources 13, 32, 64, 128, 200, 256, 300): no spills with these;
+    a 128-column block for a 256-wide source, or 32-row bands with 128 columns, spill."""
+    if not resize:
+        return dict(BLOCK_Y=pow2_between(canvas, 16, 32), BLOCK_X=32, BLOCK_H=16, BLOCK_W=16, ONE_W_BLOCK=True,
+                    num_warps=4, num_stages=2)
+    block_w = pow2_between(w, 16, 128) if w <= 128 else 64
+    block_h = pow2_between(h, 16, 32) if w <= 128 else 16
+    return dict(BLOCK_Y=pow2_between(canvas, 16, 64), BLOCK_X=32, BLOCK_H=block_h,
+                BLOCK_W=block_w, ONE_W_BLOCK=w <= block_w, num_warps=4 if block_w <= 32 else 8, num_stages=2)
 
 
 def _ieee_fp32(weight: torch.Tensor) -> bool:
@@ -316,72 +442,236 @@ def _ieee_fp32(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
-def _geometry(images, perturbation, up_resolution):
-    _, _, h, w = images.shape
-    return dict(h=h, w=w, canvas=perturbation.shape[-1], up_res=up_resolution,
-                offset=(perturbation.shape[-1] - up_resolution) // 2)
+def _resize_matrix(size_in: int, size_out: int, canvas: int, offset: int, device) -> torch.Tensor:
+    """`[S, size_in]` fp32: rows `offset .. offset + size_out` resample bicubically (PyTorch's
+    `upsample_bicubic2d`, align_corners=False: half-pixel centres, A = -0.75, source index
+    `min(floor(real), in - 1)`, fraction clamped to [0, 1], taps clamped to the border), the
+    padding rows are zero. Weights are evaluated in fp64, then rounded once."""
+    dst = torch.arange(size_out, device=device, dtype=torch.float64)
+    real = (dst + 0.5) * (size_in / size_out) - 0.5
+    first = torch.floor(real).clamp(max=size_in - 1)
+    t = (real - first).clamp(0, 1)
+    a = -0.75
+
+    def near(d):
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    weights = torch.stack([far(1 + t), near(t), near(1 - t), far(2 - t)], dim=1)
+    taps = (first.long()[:, None] + torch.arange(-1, 3, device=device)).clamp(0, size_in - 1)
+    matrix = torch.zeros(canvas, size_in, device=device, dtype=torch.float64)
+    matrix[offset:offset + size_out].scatter_add_(1, taps, weights)
+    return matrix.float()
+
+
+_RESIZE_CACHE: dict = {}  # (h, w, U, S, device) -> (Ry, Rx); eager calls only, a few entries
+
+
+def _resize_matrices(images, h, w, up_resolution, canvas, offset):
+    """Ry and Rx, cached for eager calls (building them is a dozen tiny launches); traced calls
+    build them in the graph, where the compiler fuses the construction."""
+    if torch.compiler.is_compiling() or is_fake(images):
+        return (_resize_matrix(h, up_resolution, canvas, offset, images.device),
+                _resize_matrix(w, up_resolution, canvas, offset, images.device))
+    key = (h, w, up_resolution, canvas, images.device)
+    if key not in _RESIZE_CACHE:
+        if len(_RESIZE_CACHE) >= 8:
+            _RESIZE_CACHE.pop(next(iter(_RESIZE_CACHE)))
+        _RESIZE_CACHE[key] = (_resize_matrix(h, up_resolution, canvas, offset, images.device),
+                              _resize_matrix(w, up_resolution, canvas, offset, images.device))
+    return _RESIZE_CACHE[key]
+
+
+def _canvas_launch(images, perturbation, up_resolution, patch, dtype, mean, std, store_bits, kind):
+    """Arguments (name -> value, kernel order), grid and meta-parameters of the canvas kernel."""
+    batch, _, h, w = images.shape
+    canvas = perturbation.shape[-1]
+    resize = (h, w) != (up_resolution, up_resolution)
+    config = _canvas_config(h, w, canvas, resize)
+    return config, resize, (batch * 3, cdiv(canvas, config["BLOCK_Y"])), dict(
+        h=h, w=w, up_res=up_resolution, offset=(canvas - up_resolution) // 2,
+        scale=UINT8_SCALE if images.dtype == torch.uint8 else 1.0,
+        mean0=mean[0], mean1=mean[1], mean2=mean[2],
+        inv_std0=1.0 / std[0], inv_std1=1.0 / std[1], inv_std2=1.0 / std[2],
+        CANVAS=canvas, PATCH=patch, RESIZE=resize, STORE_BITS=store_bits,
+        DOT_PRECISION="ieee" if kind == "ieee" else "tf32x3")
+
+
+def _mask_words(canvas: int) -> int:
+    return cdiv(canvas, 32)
+
+
+def reprogram_patch_rows(images: torch.Tensor, perturbation: torch.Tensor, up_resolution: int, patch: int,
+                         dtype: torch.dtype, mean: Sequence[float], std: Sequence[float], *,
+                         store_bits: bool = True, ieee_fp32: bool = True):
+    """Kernel 1 alone: `(A [B * (S/p)^2, 3 p^2] in `dtype`, clamp-mask words [B, 3, S, S/32] int32)`."""
+    batch, _, h, w = images.shape
+    canvas = perturbation.shape[-1]
+    kind = _operand_kind(dtype, ieee_fp32)
+    config, resize, grid, args = _canvas_launch(images, perturbation, up_resolution, patch, dtype, mean, std,
+                                                store_bits, kind)
+    rows = torch.empty(batch * (canvas // patch) ** 2, 3 * patch * patch, device=images.device, dtype=dtype)
+    bits = torch.empty((batch, 3, canvas, _mask_words(canvas)) if store_bits else (0,), device=images.device,
+                       dtype=torch.int32)
+    if resize:
+        resize_y, resize_x = _resize_matrices(images, h, w, up_resolution, canvas, args["offset"])
+    else:
+        resize_y = resize_x = perturbation  # never read
+    torch.library.wrap_triton(_reprogram_canvas_kernel)[grid](
+        images.contiguous(), perturbation.contiguous(), resize_y, resize_x, rows, bits, **args, **config)
+    return rows, bits
 
 
 def reprogram_patch_embed_forward(images: torch.Tensor, perturbation: torch.Tensor, weight: torch.Tensor,
                                   pos_embed: Optional[torch.Tensor], up_resolution: int,
-                                  mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Fused forward on already-checked inputs: tokens `[B, (S/p)^2, width]` in the weight's dtype."""
-    batch, _, h, w = images.shape
+                                  mean: Sequence[float], std: Sequence[float], store_bits: bool = True):
+    """Fused forward on already-checked inputs: `(tokens [B, (S/p)^2, width] in the weight's dtype,
+    clamp-mask words for the backward, empty unless store_bits)`."""
+    batch = images.shape[0]
     width, patch = weight.shape[0], weight.shape[-1]
     n_patches = (perturbation.shape[-1] // patch) ** 2
-    resize = (h, w) != (up_resolution, up_resolution)
+    kind = _operand_kind(weight.dtype, _ieee_fp32(weight))
+    rows, bits = reprogram_patch_rows(images, perturbation, up_resolution, patch, weight.dtype, mean, std,
+                                      store_bits=store_bits, ieee_fp32=kind == "ieee")
     tokens = torch.empty(batch, n_patches, width, device=images.device, dtype=weight.dtype)
-    config = _forward_config(batch * n_patches, width, patch, resize)
-    grid = (triton.cdiv(batch * n_patches, config["BLOCK_M"]) * triton.cdiv(width, config["BLOCK_N"]),)
-    weight = weight.reshape(width, -1).contiguous()
-    torch.library.wrap_triton(_reprogram_patch_embed_fwd_kernel)[grid](
-        images.contiguous(), perturbation.contiguous(), weight,
-        weight if pos_embed is None else pos_embed.contiguous(), tokens,
-        batch, width, **_geometry(images, perturbation, up_resolution),
-        mean0=mean[0], mean1=mean[1], mean2=mean[2], std0=std[0], std1=std[1], std2=std[2],
-        PATCH=patch, RESIZE=resize, HAS_POS=pos_embed is not None, IEEE_FP32=_ieee_fp32(weight),
-        **config,
-    )
-    return tokens
+    config = _forward_gemm_config(batch * n_patches, width, patch, kind)
+    grid = (cdiv(batch * n_patches, config["BLOCK_M"]) * cdiv(width, config["BLOCK_N"]),)
+    torch.library.wrap_triton(_patch_gemm_kernel)[grid](
+        rows, weight.reshape(width, -1).contiguous(), weight if pos_embed is None else pos_embed.contiguous(),
+        tokens, batch * n_patches, width, K=3 * patch * patch, N_PATCHES=n_patches, HAS_POS=pos_embed is not None,
+        DOT_PRECISION=_dot_precision(kind), **config)
+    return tokens, bits
 
 
-def _batch_chunks(batch: int, tiles: int, device: torch.device) -> int:
-    """How many batch shares the backward splits into: enough programs to fill the GPU (about
-    four per SM), one share on the CPU where the interpreter runs programs one after another."""
-    if device.type != "cuda":
-        return 1
-    wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(batch, triton.cdiv(wanted, tiles)))
-
-
-def reprogram_patch_embed_backward(grad_tokens: torch.Tensor, images: torch.Tensor,
-                                   perturbation: torch.Tensor, weight: torch.Tensor, up_resolution: int,
-                                   std: Sequence[float], *, batch_chunks: Optional[int] = None) -> torch.Tensor:
-    """dL/dP `[3, S, S]` in the perturbation's dtype, reduced over the batch inside the kernel.
-
-    `batch_chunks` splits the batch loop over that many programs per tile (fp32 partials, summed
-    once); by default it is chosen from the device and the tile count.
-    """
-    batch, _, h, w = images.shape
-    width, patch = weight.shape[0], weight.shape[-1]
+def reprogram_patch_embed_backward(grad_tokens: torch.Tensor, bits: torch.Tensor, perturbation: torch.Tensor,
+                                   weight: torch.Tensor, std: Sequence[float]) -> torch.Tensor:
+    """dL/dP `[3, S, S]` in the perturbation's dtype from the forward's clamp-mask words: one GEMM
+    with the batch reduction in its epilogue, fp32 partials per image chunk, summed once."""
+    batch, n_patches, width = grad_tokens.shape
+    patch = weight.shape[-1]
     canvas = perturbation.shape[-1]
-    n_patches = (canvas // patch) ** 2
-    resize = (h, w) != (up_resolution, up_resolution)
-    config = _backward_config(n_patches, width, patch, resize)
-    tiles = triton.cdiv(n_patches, config["BLOCK_P"]) * triton.cdiv(3 * patch * patch, config["BLOCK_K"])
-    chunks = batch_chunks or _batch_chunks(batch, tiles, images.device)
-    per_chunk = triton.cdiv(batch, chunks)
-    chunks = triton.cdiv(batch, per_chunk)
-    partial = torch.empty(chunks, 3, canvas, canvas, device=images.device, dtype=torch.float32)
-    torch.library.wrap_triton(_reprogram_patch_embed_bwd_kernel)[(tiles, chunks)](
-        grad_tokens.contiguous(), images.contiguous(), perturbation.contiguous(),
-        weight.reshape(width, -1).contiguous(), partial,
-        batch, width, **_geometry(images, perturbation, up_resolution),
-        std0=std[0], std1=std[1], std2=std[2], batch_per_chunk=per_chunk,
-        PATCH=patch, RESIZE=resize, IEEE_FP32=_ieee_fp32(weight), **config,
-    )
+    kind = _operand_kind(weight.dtype, _ieee_fp32(weight))
+    config = _backward_gemm_config(batch, n_patches, width, patch, kind)
+    chunks = cdiv(batch, config["BLOCK_M"])
+    partial = torch.empty(chunks, 3, canvas, canvas, device=grad_tokens.device, dtype=torch.float32)
+    grid = (n_patches * chunks * cdiv(3 * patch * patch, config["BLOCK_N"]),)
+    torch.library.wrap_triton(_patch_grad_kernel)[grid](
+        grad_tokens.to(weight.dtype).contiguous(), weight.reshape(width, -1).contiguous(), bits, partial,
+        batch, width, inv_std0=1.0 / std[0], inv_std1=1.0 / std[1], inv_std2=1.0 / std[2],
+        CANVAS=canvas, PATCH=patch, EVEN_N=width % config["BLOCK_K"] == 0, DOT_PRECISION=_dot_precision(kind),
+        **config)
     grad = partial[0] if chunks == 1 else partial.sum(0)
     return grad.to(perturbation.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# What the launchers run at a shape, for the offline sm_90a compile report
+# --------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
+                 torch.int32: "i32"}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "u8": torch.uint8,
+             "uint8": torch.uint8}
+    return names[dtype]
+
+
+def _signature(kernel, args: list, constexprs: dict) -> tuple[dict, dict]:
+    """Triton signature strings, in the kernel's argument order, for `(name, value)` pairs:
+    ("ptr", dtype) -> "*bf16" etc., int -> "i32"/"i64", float -> "fp32"; meta-parameters ->
+    "constexpr". Also the runtime values."""
+    types, values = {}, {}
+    signature = types
+    for name, value in args:
+        if isinstance(value, tuple):
+            signature[name] = "*" + _TRITON_TYPES[value[1]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            values[name] = value
+        else:
+            signature[name] = "fp32"
+            values[name] = value
+    types.update({name: "constexpr" for name in constexprs})
+    if set(types) != set(kernel.arg_names):
+        raise AssertionError(f"{kernel.__name__}: arguments {sorted(set(types) ^ set(kernel.arg_names))} "
+                             "differ between the launcher's description and the kernel")
+    return {name: types[name] for name in kernel.arg_names}, values
+
+
+def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patch: int, width: int, dtype,
+               *, images_dtype="fp32", ieee_fp32: bool = False, backward: bool = True) -> list[dict]:
+    """Every Triton kernel the launchers run for one forward (+ backward) at this shape, with the
+    meta-parameters from the same config functions: name, kernel, signature, constexprs,
+    runtime int/float values ("values"), num_warps, num_stages, grid, flops and compulsory bytes.
+
+    `dtype` is the GEMM operand dtype (the weight's, or autocast's); `ieee_fp32` mirrors
+    `torch.backends.cudnn.allow_tf32 = False` for fp32."""
+    dtype, images_dtype = _as_dtype(dtype), _as_dtype(images_dtype)
+    size, src_size = torch.finfo(dtype).bits // 8, (1 if images_dtype == torch.uint8 else 4)
+    kind = _operand_kind(dtype, ieee_fp32)
+    n_patches = (canvas // patch) ** 2
+    rows, k = batch * n_patches, 3 * patch * patch
+    resize = (h, w) != (up_resolution, up_resolution)
+    words = _mask_words(canvas)
+    cases = []
+
+    config = _canvas_config(h, w, canvas, resize)
+    constexprs = dict(CANVAS=canvas, PATCH=patch, RESIZE=resize, STORE_BITS=backward,
+                      DOT_PRECISION="ieee" if kind == "ieee" else "tf32x3",
+                      **{key: value for key, value in config.items() if key.isupper()})
+    args = [("images_ptr", ("ptr", images_dtype)), ("perturbation_ptr", ("ptr", torch.float32)),
+            ("resize_y_ptr", ("ptr", torch.float32)), ("resize_x_ptr", ("ptr", torch.float32)),
+            ("a_ptr", ("ptr", dtype)), ("bits_ptr", ("ptr", torch.int32)), ("h", h), ("w", w),
+            ("up_res", up_resolution), ("offset", (canvas - up_resolution) // 2), ("scale", 1.0),
+            ("mean0", 0.48), ("mean1", 0.46), ("mean2", 0.41), ("inv_std0", 3.7), ("inv_std1", 3.8),
+            ("inv_std2", 3.6)]
+    signature, values = _signature(_reprogram_canvas_kernel, args, constexprs)
+    resize_flops = 2 * batch * 3 * canvas * (h * w + canvas * w) if resize else 0
+    cases.append(dict(
+        name="canvas", kernel=_reprogram_canvas_kernel, signature=signature, constexprs=constexprs, values=values,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        grid=(batch * 3, cdiv(canvas, config["BLOCK_Y"])), flops=resize_flops,
+        bytes=batch * 3 * h * w * src_size + 3 * canvas * canvas * 4 + rows * k * size
+        + (batch * 3 * canvas * words * 4 if backward else 0) + (2 * canvas * (h + w) * 4 if resize else 0)))
+
+    config = _forward_gemm_config(rows, width, patch, kind)
+    constexprs = dict(K=k, N_PATCHES=n_patches, HAS_POS=True, DOT_PRECISION=_dot_precision(kind),
+                      **{key: value for key, value in config.items() if key.isupper()})
+    args = [("a_ptr", ("ptr", dtype)), ("weight_ptr", ("ptr", dtype)), ("pos_ptr", ("ptr", torch.float32)),
+            ("out_ptr", ("ptr", dtype)), ("M", rows), ("N", width)]
+    signature, values = _signature(_patch_gemm_kernel, args, constexprs)
+    cases.append(dict(
+        name="gemm", kernel=_patch_gemm_kernel, signature=signature, constexprs=constexprs, values=values,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        grid=(cdiv(rows, config["BLOCK_M"]) * cdiv(width, config["BLOCK_N"]),),
+        flops=2 * rows * width * k, bytes=rows * k * size + width * k * size + n_patches * width * 4
+        + rows * width * size))
+
+    if backward:
+        config = _backward_gemm_config(batch, n_patches, width, patch, kind)
+        chunks = cdiv(batch, config["BLOCK_M"])
+        constexprs = dict(CANVAS=canvas, PATCH=patch, EVEN_N=width % config["BLOCK_K"] == 0,
+                          DOT_PRECISION=_dot_precision(kind),
+                          **{key: value for key, value in config.items() if key.isupper()})
+        args = [("grad_ptr", ("ptr", dtype)), ("weight_ptr", ("ptr", dtype)), ("bits_ptr", ("ptr", torch.int32)),
+                ("partial_ptr", ("ptr", torch.float32)), ("batch", batch), ("N", width),
+                ("inv_std0", 3.7), ("inv_std1", 3.8), ("inv_std2", 3.6)]
+        signature, values = _signature(_patch_grad_kernel, args, constexprs)
+        cases.append(dict(
+            name="grad", kernel=_patch_grad_kernel, signature=signature, constexprs=constexprs, values=values,
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+            grid=(n_patches * chunks * cdiv(k, config["BLOCK_N"]),),
+            flops=2 * rows * width * k, bytes=rows * width * size + width * k * size
+            + batch * 3 * canvas * words * 4 + (chunks + 1) * 3 * canvas * canvas * 4))
+    return cases
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,9 +685,10 @@ def _check_inputs(images, perturbation, weight, up_resolution, mean, std, pos_em
             f"images must be [B, 3, h, w] (RGB, channels first), got shape {tuple(images.shape)}; "
             "convert grey or RGBA images to RGB first"
         )
-    if not images.is_floating_point():
+    if not (images.is_floating_point() or images.dtype == torch.uint8):
         raise TypeError(
-            f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 images by 255"
+            f"images must be uint8 (0-255) or floating point in [0, 1], got {images.dtype}; convert "
+            "other integer images to uint8, or divide them by their maximum value (255 for 8 bits)"
         )
     if perturbation.dim() != 3 or perturbation.shape[0] != 3 or perturbation.shape[1] != perturbation.shape[2]:
         raise ValueError(f"perturbation must be [3, S, S], got {tuple(perturbation.shape)}")
@@ -432,8 +723,11 @@ def _check_inputs(images, perturbation, weight, up_resolution, mean, std, pos_em
 
 
 def _unclamped_canvas(images: torch.Tensor, perturbation: torch.Tensor, up_resolution: int) -> torch.Tensor:
-    """`pad_o(bicubic_U(x)) + P`, `[B, 3, S, S]` in the images' dtype."""
+    """`pad_o(bicubic_U(x)) + P`, `[B, 3, S, S]` in the images' dtype (fp32 for uint8 images,
+    scaled by the kernel's fp32 constant 1/255, so both round alike)."""
     canvas = perturbation.shape[-1]
+    if images.dtype == torch.uint8:
+        images = images.float() * UINT8_SCALE
     if images.shape[-2:] != (up_resolution, up_resolution):
         images = F.interpolate(images, size=(up_resolution, up_resolution), mode="bicubic",
                                align_corners=False)
@@ -448,7 +742,8 @@ def _channel_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 def reprogram_image(images: torch.Tensor, perturbation: torch.Tensor, *, up_resolution: int,
                     mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The reprogrammed, normalised canvas `[B, 3, S, S]` (reference; steps 1-5 of METHOD.md 1)."""
+    """The reprogrammed, normalised canvas `[B, 3, S, S]` (reference; steps 1-5 of docs/method.md 1).
+    uint8 images are scaled by 1/255 first; float images are taken as they are (NaN propagates)."""
     _check_inputs(images, perturbation, None, up_resolution, mean, std, None)
     x = _unclamped_canvas(images, perturbation, up_resolution).clamp(0, 1)
     return (x - _channel_view(mean, x)) / _channel_view(std, x)
@@ -491,32 +786,40 @@ def _perturbation_grad_ref(grad_tokens, images, perturbation, weight, up_resolut
 
 
 def _runs_triton(images: torch.Tensor, weight: torch.Tensor) -> bool:
-    wanted = use_triton(images) and use_triton(weight)
+    # uint8 images are fine in the interpreter (the kernel converts them); float ones must be fp32.
+    wanted = use_triton(weight) and use_triton(images if images.is_floating_point() else weight)
     return wanted and (images.is_cuda or not is_fake(images))
 
 
 @torch.library.triton_op("reprogrammer::reprogram_patch_embed", mutates_args=())
 def _reprogram_patch_embed_op(images: torch.Tensor, perturbation: torch.Tensor, weight: torch.Tensor,
                               pos_embed: Optional[torch.Tensor], up_resolution: int,
-                              mean: list[float], std: list[float]) -> torch.Tensor:
+                              mean: list[float], std: list[float], need_grad: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and, when `need_grad`, the clamp-mask words the Triton backward reads (the
+    reference path returns an unwritten buffer of the same shape, so traced and eager agree)."""
     if _runs_triton(images, weight):
-        return reprogram_patch_embed_forward(images, perturbation, weight, pos_embed, up_resolution, mean, std)
+        return reprogram_patch_embed_forward(images, perturbation, weight, pos_embed, up_resolution, mean, std,
+                                             store_bits=need_grad)
     tokens = reprogram_patch_embed_ref(images, perturbation, weight, up_resolution=up_resolution,
                                        mean=mean, std=std, pos_embed=pos_embed)
-    return tokens.contiguous()  # the kernel's layout, so traced and eager outputs agree on strides
+    canvas = perturbation.shape[-1]
+    bits = torch.empty((images.shape[0], 3, canvas, _mask_words(canvas)) if need_grad else (0,),
+                       device=images.device, dtype=torch.int32)
+    return tokens.contiguous(), bits  # the kernel's layout, so traced and eager outputs agree on strides
 
 
 @torch.library.triton_op("reprogrammer::reprogram_patch_embed_backward", mutates_args=())
-def _reprogram_patch_embed_backward_op(grad_tokens: torch.Tensor, images: torch.Tensor,
+def _reprogram_patch_embed_backward_op(grad_tokens: torch.Tensor, bits: torch.Tensor, images: torch.Tensor,
                                        perturbation: torch.Tensor, weight: torch.Tensor,
                                        up_resolution: int, std: list[float]) -> torch.Tensor:
     if _runs_triton(images, weight):
-        return reprogram_patch_embed_backward(grad_tokens, images, perturbation, weight, up_resolution, std)
+        return reprogram_patch_embed_backward(grad_tokens, bits, perturbation, weight, std)
     return _perturbation_grad_ref(grad_tokens, images, perturbation, weight, up_resolution, std)
 
 
 def _setup_context(ctx, inputs, output):
-    images, perturbation, weight, pos_embed, up_resolution, mean, std = inputs
+    images, perturbation, weight, pos_embed, up_resolution, mean, std, need_grad = inputs
     constants = {"images": images, "weight": weight, "pos_embed": pos_embed}
     wrong = [name for name, t in constants.items() if t is not None and t.requires_grad]
     if wrong:
@@ -526,15 +829,20 @@ def _setup_context(ctx, inputs, output):
             "reprogramming and must have requires_grad=False (e.g. model.visual.requires_grad_(False)); "
             "images are data: pass images.detach()"
         )
-    ctx.save_for_backward(images, perturbation, weight)
+    ctx.save_for_backward(output[1], images, perturbation, weight)
     ctx.constants = (up_resolution, std)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_tokens):
-    images, perturbation, weight = ctx.saved_tensors
+def _backward(ctx, grad_tokens, grad_bits):
+    bits, images, perturbation, weight = ctx.saved_tensors
+    if bits.numel() == 0:
+        raise RuntimeError(
+            "reprogram_patch_embed: the forward ran without gradient recording (no clamp mask was "
+            "saved); call it with torch.enable_grad() and a perturbation that requires grad")
     grad = torch.ops.reprogrammer.reprogram_patch_embed_backward(
-        grad_tokens, images, perturbation, weight, *ctx.constants)
-    return None, grad, None, None, None, None, None
+        grad_tokens, bits, images, perturbation, weight, *ctx.constants)
+    return None, grad, None, None, None, None, None, None
 
 
 _reprogram_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
@@ -545,13 +853,17 @@ def reprogram_patch_embed(images: torch.Tensor, perturbation: torch.Tensor, weig
                           pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Patch tokens `[B, (S/p)^2, width]` of the reprogrammed images; see the module docstring.
 
-    Output dtype: the autocast dtype when autocast is on for the images' device, else the
-    weight's dtype (as the convolution it replaces). Differentiable w.r.t. `perturbation` only.
+    Images: uint8 (scaled by 1/255 inside the kernel) or float in [0, 1]. Output dtype: the
+    autocast dtype when autocast is on for the images' device, else the weight's dtype (as the
+    convolution it replaces). Differentiable w.r.t. `perturbation` only. NaN in float images is
+    not checked here (that would need a device sync): it propagates into the tokens of its image.
     """
     _check_inputs(images, perturbation, weight, up_resolution, mean, std, pos_embed)
     device_type = images.device.type
     if torch.is_autocast_enabled(device_type):
         weight = weight.to(torch.get_autocast_dtype(device_type))
-    return torch.ops.reprogrammer.reprogram_patch_embed(
+    need_grad = torch.is_grad_enabled() and perturbation.requires_grad
+    tokens, _ = torch.ops.reprogrammer.reprogram_patch_embed(
         images, perturbation, weight, pos_embed, up_resolution,
-        [float(m) for m in mean], [float(s) for s in std])
+        [float(m) for m in mean], [float(s) for s in std], need_grad)
+    return tokens

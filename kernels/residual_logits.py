@@ -1,5 +1,5 @@
 """Residual blend of reprogrammed and zero-shot features, cosine logits and OOD scores
-(METHOD.md sections 4 and 5).
+(docs/method.md sections 4 and 5).
 
     img = (1 - a) * norm(img_rp) + a * norm(img_zs)        # [B, D], not re-normalised
     txt = (1 - a) * norm(txt_rp) + a * norm(txt_zs)        # [C, D]
@@ -84,6 +84,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton import tl, triton
 from .backend import use_triton
+from .launch import cdiv, pow2_between
 
 NORM_EPS = 1e-12  # F.normalize's default; the kernels spell it out as a literal
 
@@ -343,11 +344,6 @@ MAX_CHUNKS = 4  # column chunks of a kept image block (a0 .. a3 in the kernels)
 KEPT_CONFIGS = ((64, 4, 2), (64, 8, 1), (32, 8, 2))
 
 
-def _block(n: int, low: int, high: int) -> int:
-    """Power-of-two block covering `n`, within [low, high] (tl.dot needs every dim >= 16)."""
-    return max(low, min(high, triton.next_power_of_2(n)))
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # Follow PyTorch's own fp32 matmul setting so the kernel and the reference agree.
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -377,8 +373,8 @@ def _plan(B: int, C: int, D: int, element_size: int, precision: str, sms: int, k
     """
     plan = None
     if element_size < 4 or precision == "tf32":
-        chunk = _block(triton.cdiv(D, MAX_CHUNKS), 16, 1 << 30)
-        num_k = triton.cdiv(D, chunk)
+        chunk = pow2_between(cdiv(D, MAX_CHUNKS), 16, 1 << 30)
+        num_k = cdiv(D, chunk)
         kept = 64 * num_k * chunk * element_size
         for block_c, warps, stages in KEPT_CONFIGS:
             if kept + stages * num_k * chunk * block_c * element_size <= SMEM_BUDGET:
@@ -386,20 +382,20 @@ def _plan(B: int, C: int, D: int, element_size: int, precision: str, sms: int, k
                             num_stages=stages)
                 break
         if plan is None:
-            plan = dict(NUM_K=0, BLOCK_B=64, BLOCK_C=_block(C, 16, 128), BLOCK_K=_block(D, 16, 64),
+            plan = dict(NUM_K=0, BLOCK_B=64, BLOCK_C=pow2_between(C, 16, 128), BLOCK_K=pow2_between(D, 16, 64),
                         num_warps=8, num_stages=3)
     else:
-        plan = dict(NUM_K=0, BLOCK_B=32, BLOCK_C=_block(C, 16, 128), BLOCK_K=_block(D, 16, 64), num_warps=8,
+        plan = dict(NUM_K=0, BLOCK_B=32, BLOCK_C=pow2_between(C, 16, 128), BLOCK_K=pow2_between(D, 16, 64), num_warps=8,
                     num_stages=3)
-    row_blocks = triton.cdiv(B, plan["BLOCK_B"])
-    class_tiles = max(1, triton.cdiv(C, plan["BLOCK_C"]))
+    row_blocks = cdiv(B, plan["BLOCK_B"])
+    class_tiles = max(1, cdiv(C, plan["BLOCK_C"]))
     if kernel == "logits" and plan["NUM_K"] == 0:
         groups = class_tiles
     else:
         groups = max(1, min(class_tiles, sms // row_blocks))
-    tiles_per_program = triton.cdiv(class_tiles, groups)
+    tiles_per_program = cdiv(class_tiles, groups)
     plan["classes_per_program"] = tiles_per_program * plan["BLOCK_C"]
-    plan["grid"] = (row_blocks, triton.cdiv(class_tiles, tiles_per_program))
+    plan["grid"] = (row_blocks, cdiv(class_tiles, tiles_per_program))
     return plan
 
 
@@ -440,7 +436,7 @@ def _launch_scores(img_rp: Tensor, img_zs: Tensor, txt: Tensor, logit_scale: Ten
         USE_RP=alpha < 1.0, USE_ZS=alpha > 0.0, STORE_LOGITS=return_logits, FINAL=groups == 1, **plan,
     )
     if groups > 1:
-        wrap_triton(_combine_scores_kernel)[(triton.cdiv(B, COMBINE_BLOCK),)](
+        wrap_triton(_combine_scores_kernel)[(cdiv(B, COMBINE_BLOCK),)](
             prediction, sums, max_cos, mcm, energy, B, groups, temperature, BLOCK=COMBINE_BLOCK, num_warps=4,
         )
     return prediction[0], mcm, energy, max_cos[0], logits
@@ -695,8 +691,8 @@ def sm90_cases(batch: int, classes: int, dim: int, dtype: str) -> list[dict]:
         ints = {"B": B, "C": C, "D": D, "classes_per_program": per_program}
         # Innermost loop: the class sweep when the block is kept (one trip per class tile), the
         # K loop inside it when streaming.
-        tiles = triton.cdiv(per_program, plan["BLOCK_C"])
-        trips = tiles if plan["NUM_K"] else tiles * triton.cdiv(D, plan["BLOCK_K"])
+        tiles = cdiv(per_program, plan["BLOCK_C"])
+        trips = tiles if plan["NUM_K"] else tiles * cdiv(D, plan["BLOCK_K"])
         common = dict(num_warps=warps, num_stages=stages, flops=2 * B * C * D, grid=grid, outputs=B * C,
                       trips=trips, outer_trips=tiles,
                       divisible_by_16=[n for n, v in ints.items() if v % 16 == 0])
@@ -724,6 +720,6 @@ def sm90_cases(batch: int, classes: int, dim: int, dtype: str) -> list[dict]:
                            "energy_ptr": "*fp32", "B": "i32", "G": "i32", "temperature": "fp32",
                            "BLOCK": "constexpr"},
                 constexprs={"BLOCK": COMBINE_BLOCK}, num_warps=4, num_stages=1, flops=0,
-                bytes=grid[1] * B * 16 + B * 20, grid=(triton.cdiv(B, COMBINE_BLOCK),), outputs=B,
+                bytes=grid[1] * B * 16 + B * 20, grid=(cdiv(B, COMBINE_BLOCK),), outputs=B,
                 trips=grid[1] - 1, divisible_by_16=[n for n, v in (("B", B),) if v % 16 == 0]))
     return cases

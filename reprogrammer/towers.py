@@ -68,10 +68,11 @@ def encode_text_embeddings(clip, embeddings: torch.Tensor, tokens: torch.Tensor,
 
 
 def check_pixel_range(images: torch.Tensor) -> None:
-    """Images must be floats in [0, 1]. Checked on CPU tensors only: on an accelerator the check
-    would stall the stream, and the data pipeline converts uint8 there, which guarantees the range."""
-    if images.device.type != "cpu" or images.numel() == 0 or torch.compiler.is_compiling() \
-            or torch.jit.is_tracing():
+    """Images must be uint8 (scaled by 1/255 inside the patch-embedding op) or floats in [0, 1].
+    Floats are checked on CPU tensors only: on an accelerator the check would stall the stream,
+    and the data pipeline converts uint8 there, which guarantees the range."""
+    if images.dtype == torch.uint8 or images.device.type != "cpu" or images.numel() == 0 \
+            or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 1:

@@ -2,6 +2,7 @@
 that are really optional, and the PyTorch reference path without Triton."""
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -97,9 +98,14 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools' build/ folder would otherwise stay in the checkout.
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("reprogrammer", "kernels", "export"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(out), str(source)], check=True, capture_output=True)
     return next(out.glob("reprogrammer-*.whl"))
 
 

@@ -64,6 +64,17 @@ def test_reprogram_image_matches_numpy(h, w, up, s, r):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_reprogram_image_scales_uint8_by_1_over_255():
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (2, 3, 9, 7), generator=g, dtype=torch.uint8)
+    pert = torch.randn(3, 16, 16, generator=g, dtype=torch.float64)
+    ours = kernels.reprogram_image(images, pert, up_resolution=12, mean=MEAN, std=STD)
+    pixels = images.numpy().astype(np.float32) * np.float32(1 / 255)  # fp32 scaling, as specified
+    expected = numpy_reprogram(pixels.astype(np.float64), pert.numpy(), 12, MEAN, STD)
+    assert ours.dtype == torch.float32  # uint8 images compute in fp32
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_patch_embed_matches_numpy_with_pos_embed():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, 3, 13, 11, generator=g, dtype=torch.float64)
@@ -120,7 +131,7 @@ def test_dropout_shares_one_mask_over_the_batch_and_is_off_in_eval():
 @pytest.mark.parametrize("images, pert, up, match", [
     (torch.rand(2, 1, 8, 8), torch.zeros(3, 8, 8), 8, "RGB"),
     (torch.rand(2, 3, 8), torch.zeros(3, 8, 8), 8, r"\[B, 3, h, w\]"),
-    (torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8), torch.zeros(3, 8, 8), 8, "255"),
+    (torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.int16), torch.zeros(3, 8, 8), 8, "uint8"),
     (torch.rand(2, 3, 8, 8), torch.zeros(3, 8, 8), 9, "up_resolution"),
     (torch.rand(2, 3, 8, 8), torch.zeros(3, 8, 6), 8, r"\[3, S, S\]"),
 ])

@@ -14,7 +14,8 @@ Case dicts (`sm90_cases` of `kernels/residual_logits.py` and `kernels/reprogram_
 `"*bf16"`, `"i32"`, `"fp32"`, `"constexpr"`, ...), `constexprs`, `num_warps`, `num_stages`,
 `flops`, `bytes` (compulsory work of the whole launch); optional `grid` (programs),
 `outputs` (output elements of the launch), `trips` (iterations of the innermost loop per
-program), `divisible_by_16` (integer arguments the launcher's specialisation marks divisible).
+program), `values` (run-time integer and float arguments: those divisible by 16 are specialised as
+the launcher does), `divisible_by_16` (further integer arguments to mark divisible).
 
 Everything in the table is compiled, not measured: registers, spills, shared memory, the MMA
 instruction kind and shape are read from the compiler's output; CTAs per SM follow from them
@@ -94,7 +95,10 @@ def compile_case(case: dict, workdir: Path) -> dict:
     signature = dict(case["signature"])
     names = list(signature)
     attrs = {}
-    divisible = set(case.get("divisible_by_16", ()))
+    # What Triton's launcher specialises at run time: integer arguments divisible by 16.
+    divisible = set(case.get("divisible_by_16", ())) | {
+        name for name, value in case.get("values", {}).items()
+        if isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0}
     for i, name in enumerate(names):
         kind = signature[name]
         # torch allocations are 16-byte aligned: pointers get the launcher's divisibility.

@@ -610,7 +610,8 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
                *, images_dtype="fp32", ieee_fp32: bool = False, backward: bool = True) -> list[dict]:
     """Every Triton kernel the launchers run for one forward (+ backward) at this shape, with the
     meta-parameters from the same config functions: name, kernel, signature, constexprs,
-    runtime int/float values ("values"), num_warps, num_stages, grid, flops and compulsory bytes.
+    runtime int/float values ("values"), num_warps, num_stages, grid, output elements and trips of
+    the hot loop per program (for per-output instruction counts), flops and compulsory bytes.
 
     `dtype` is the GEMM operand dtype (the weight's, or autocast's); `ieee_fp32` mirrors
     `torch.backends.cudnn.allow_tf32 = False` for fp32."""
@@ -638,7 +639,9 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
     cases.append(dict(
         name="canvas", kernel=_reprogram_canvas_kernel, signature=signature, constexprs=constexprs, values=values,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
-        grid=(batch * 3, cdiv(canvas, config["BLOCK_Y"])), flops=resize_flops,
+        grid=(batch * 3, cdiv(canvas, config["BLOCK_Y"])), flops=resize_flops, outputs=rows * k,
+        # The hot loop steps over the canvas columns, except when a wide source adds inner loops.
+        trips=cdiv(canvas, config["BLOCK_X"]) if not resize or config["ONE_W_BLOCK"] else None,
         bytes=batch * 3 * h * w * src_size + 3 * canvas * canvas * 4 + rows * k * size
         + (batch * 3 * canvas * words * 4 if backward else 0) + (2 * canvas * (h + w) * 4 if resize else 0)))
 
@@ -652,7 +655,7 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
         name="gemm", kernel=_patch_gemm_kernel, signature=signature, constexprs=constexprs, values=values,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
         grid=(cdiv(rows, config["BLOCK_M"]) * cdiv(width, config["BLOCK_N"]),),
-        flops=2 * rows * width * k, bytes=rows * k * size + width * k * size + n_patches * width * 4
+        outputs=rows * width, trips=cdiv(k, config["BLOCK_K"]), flops=2 * rows * width * k, bytes=rows * k * size + width * k * size + n_patches * width * 4
         + rows * width * size))
 
     if backward:
@@ -669,7 +672,7 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
             name="grad", kernel=_patch_grad_kernel, signature=signature, constexprs=constexprs, values=values,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
             grid=(n_patches * chunks * cdiv(k, config["BLOCK_N"]),),
-            flops=2 * rows * width * k, bytes=rows * width * size + width * k * size
+            outputs=rows * k, trips=cdiv(width, config["BLOCK_K"]), flops=2 * rows * width * k, bytes=rows * width * size + width * k * size
             + batch * 3 * canvas * words * 4 + (chunks + 1) * 3 * canvas * canvas * 4))
     return cases
 

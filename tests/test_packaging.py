@@ -96,11 +96,23 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheel_build(tmp_path_factory) -> tuple[Path, str]:
+    """The built wheel and the build's output (pip without -q shows the backend's warnings)."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
-    return next(out.glob("reprogrammer-*.whl"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-w", str(out), str(ROOT)], check=True, capture_output=True, text=True)
+    return next(out.glob("reprogrammer-*.whl")), build.stdout + build.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(wheel_build) -> Path:
+    return wheel_build[0]
+
+
+def test_the_wheel_builds_without_warnings(wheel_build):
+    _, log = wheel_build
+    warnings = [line.strip() for line in log.splitlines() if "Warning" in line]
+    assert not warnings, "\n".join(warnings)
 
 
 def test_the_wheel_installs_one_import_name_with_optional_extras(wheel):
@@ -110,7 +122,8 @@ def test_the_wheel_installs_one_import_name_with_optional_extras(wheel):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"reprogrammer"}
     assert {"reprogrammer/kernels/reprogram_patch_embed.py", "reprogrammer/export/predict.py",
-            "reprogrammer/py.typed", "reprogrammer/presets/default.yaml"} <= set(names)
+            "reprogrammer/py.typed", "reprogrammer/presets/default.yaml",
+            "reprogrammer/model_configs/RP-ViT-Tiny.json"} <= set(names)
     assert not any(n.startswith(("bench/", "tests/")) for n in names)
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]

@@ -1,4 +1,4 @@
-"""`reprogrammer` command line: train, eval, export, predict, demo, bench."""
+"""`reprogrammer` command line: train, eval, export, predict, config, demo, bench."""
 import argparse
 import importlib
 import logging
@@ -53,6 +53,23 @@ def _predict(args) -> int:
     from .export import predict_main
 
     return predict_main(["--onnx", args.onnx, *args.images, "--batch-size", str(args.batch_size)])
+
+
+def _config_show(args) -> int:
+    from .config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.name, tuple(args.set))), end="")
+    return 0
+
+
+def _config_list(args) -> int:
+    from .config import list_presets
+
+    presets = list_presets()
+    width = max(map(len, presets))
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
 
 
 def _demo(args) -> int:
@@ -110,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("images", nargs="+", help="PNG/JPEG files or folders")
     pr.set_defaults(func=_predict)
+
+    config = sub.add_parser("config", help="print a resolved config, or list the presets")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    show = config_sub.add_parser("show", help="the resolved config (a preset or YAML file plus --set) as YAML")
+    show.add_argument("name", nargs="?", default="default", help="YAML file or preset (default: default)")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    show.set_defaults(func=_config_show)
+    config_sub.add_parser("list", help="the presets, one line each").set_defaults(func=_config_list)
 
     demo = sub.add_parser("demo", help="the built-in default: the paper's comparison on the shape world, offline")
     demo.add_argument("--out", default="runs/demo")

@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 from open_clip.transformer import VisionTransformer
 
+from ..constants import MCM_TEMPERATURE  # docs/method.md 5: MCM = max softmax(cos / T)
 from ..kernels import blend, reprogram_patch_embed_ref
 from ..model import Reprogrammer
 from ..towers import encode_patch_tokens, vision_tower
 
 OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "prediction")
-MCM_TEMPERATURE = 0.01  # docs/method.md 5: MCM = max softmax(cos / 0.01)
 
 
 def check_exportable(model, image_resolution) -> None:

@@ -27,9 +27,10 @@ import numpy as np
 import onnx
 import torch
 
+from ..constants import MCM_TEMPERATURE
 from ..evaluation.metrics import fpr95_threshold
 from . import metadata as meta
-from .graph import MCM_TEMPERATURE, OUTPUT_NAMES, ExportableClassifier, check_exportable
+from .graph import OUTPUT_NAMES, ExportableClassifier, check_exportable
 from .predict import check_images
 from .verify import compare, open_session
 

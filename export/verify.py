@@ -13,8 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..constants import MCM_TEMPERATURE
 from ..kernels import use_backend
-from .graph import MCM_TEMPERATURE, OUTPUT_NAMES
+from .graph import OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
 

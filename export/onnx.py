@@ -5,9 +5,12 @@ Two exporters, both translating `F.interpolate(mode="bicubic", align_corners=Fal
 - `dynamo`: PyTorch's torch.export-based exporter (`dynamo=True`), the one PyTorch develops; it
   needs onnxscript (part of the `export` extra) and emits opset 18 or later;
 - `legacy`: the TorchScript-based tracer (`dynamo=False`), for opsets below 18, installs without
-  onnxscript, and models torch.export cannot capture.
-`exporter="auto"` (the default) takes `dynamo` where it is installed and the opset allows it, and
-falls back to `legacy` when the dynamo export raises. Either graph is verified the same way.
+  onnxscript, models torch.export cannot capture, and fp16 graphs: onnxruntime 1.32's CPU layout
+  optimiser (NchwcTransformer, on at its default optimisation level) crashes the process with a
+  segmentation fault, which no verification can catch, on the dynamo exporter's fp16 graph of
+  RP-ViT-Small, and not on the tracer's.
+`exporter="auto"` (the default) takes `dynamo` for fp32 where it is installed and the opset allows
+it, and falls back to `legacy` when the dynamo export raises. Either graph is verified the same way.
 The file is staged in a temporary folder beside `path` and only moved into place once
 onnxruntime has reproduced PyTorch's outputs, so a failed export leaves nothing behind.
 """
@@ -67,7 +70,7 @@ def export_onnx(model, path, *, image_resolution: int, alpha: Optional[float] = 
     check_exportable(model, image_resolution)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset={opset!r} must be an int >= {MIN_OPSET} (bicubic Resize needs it); 18 is the default")
-    exporters = _exporters_to_try(exporter, opset)
+    exporters = _exporters_to_try(exporter, opset, fp16)
     alpha = float(model.alpha if alpha is None else alpha)
     precision = "fp16" if fp16 else "fp32"
     atol = DEFAULT_ATOL[precision] if atol is None else float(atol)
@@ -145,7 +148,7 @@ def _tracing_settings():
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _exporters_to_try(exporter: str, opset: int) -> list[str]:
+def _exporters_to_try(exporter: str, opset: int, fp16: bool = False) -> list[str]:
     """The exporters to try in order for the requested `exporter`, or a clear error."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter={exporter!r} is not one of {', '.join(EXPORTERS)}")
@@ -157,8 +160,11 @@ def _exporters_to_try(exporter: str, opset: int) -> list[str]:
         if opset < DYNAMO_MIN_OPSET:
             raise ValueError(f"exporter='dynamo' emits opset {DYNAMO_MIN_OPSET} or later, not {opset}; raise the "
                              "opset or use exporter='legacy'")
+        if fp16:
+            raise ValueError("exporter='dynamo' with fp16: onnxruntime crashes loading such graphs (see "
+                             "reprogrammer.export.onnx); use exporter='legacy' or 'auto'")
     if exporter == "auto":
-        return ["legacy"] if dynamo_missing or opset < DYNAMO_MIN_OPSET else ["dynamo", "legacy"]
+        return ["legacy"] if fp16 or dynamo_missing or opset < DYNAMO_MIN_OPSET else ["dynamo", "legacy"]
     return [exporter]
 
 

@@ -241,8 +241,11 @@ def test_fp16_export_within_tolerance(model, tmp_path):
 def test_auto_exporter_prefers_dynamo_and_falls_back_to_legacy(model, tmp_path, monkeypatch, caplog):
     assert export_onnx_module._exporters_to_try("auto", 18) == ["dynamo", "legacy"]
     assert export_onnx_module._exporters_to_try("auto", 17) == ["legacy"]  # dynamo emits opset >= 18
+    assert export_onnx_module._exporters_to_try("auto", 18, fp16=True) == ["legacy"]  # see export.onnx
     with pytest.raises(ValueError, match="opset 18 or later"):
         export_onnx(model, tmp_path / "m.onnx", image_resolution=13, opset=17, exporter="dynamo")
+    with pytest.raises(ValueError, match="dynamo' with fp16"):
+        export_onnx(model, tmp_path / "m.onnx", image_resolution=13, fp16=True, exporter="dynamo")
 
     def unsupported(*args):
         raise RuntimeError("torch.export cannot capture this model")

@@ -107,7 +107,8 @@ class _TensorBoard:
 
 
 class Tracker:
-    """The writers of one run (none on non-main ranks); a context manager that closes them."""
+    """The writers `report_to` names for one run, each file opened for appending; a context
+    manager that closes them. `lr_names` fixes the learning-rate columns."""
 
     def __init__(self, run_dir, report_to, lr_names: list[str]):
         run_dir = Path(run_dir)
@@ -146,8 +147,8 @@ class Tracker:
         self._write("val", {"step": step, **{field: values[field] for field in VAL_FIELDS}})
 
     def _write(self, section: str, record: dict) -> None:
-        for kind, writer in self._files:
-            if kind == section:
+        for writes_section, writer in self._files:
+            if writes_section == section:
                 writer.write(record)
         if self._tensorboard is not None:
             self._tensorboard.write(section, record)

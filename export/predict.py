@@ -16,6 +16,9 @@ from PIL import Image
 from . import metadata as meta
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Tried in this order by `providers="auto"`, where the installed onnxruntime has them
+# (onnxruntime-gpu); the CPU provider always comes last as the fallback.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
@@ -38,15 +41,36 @@ def check_images(images, image_resolution: int) -> np.ndarray:
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
+def resolve_providers(providers: Union[str, Iterable[str]] = "auto") -> list[str]:
+    """onnxruntime execution providers, best first. `"auto"`: TensorRT and CUDA where this
+    onnxruntime has them, then the CPU; otherwise the names given (a list, or comma-separated),
+    each of which this onnxruntime must have."""
+    available = ort.get_available_providers()
+    if isinstance(providers, str) and providers == "auto":
+        return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+    names = [p.strip() for p in providers.split(",")] if isinstance(providers, str) else list(providers)
+    for name in names:
+        if name not in ort.get_all_providers():
+            raise ValueError(f"unknown onnxruntime execution provider {name!r}; this onnxruntime has "
+                             f"{', '.join(available)} (or pass auto)")
+        if name not in available:
+            raise ValueError(f"execution provider {name!r} is not available in this onnxruntime ({ort.__version__}, "
+                             f"which has {', '.join(available)}); for GPUs install onnxruntime-gpu")
+    if not names:
+        raise ValueError("no execution provider given; pass auto or names such as CPUExecutionProvider")
+    return names
+
+
 class OnnxClassifier:
     """An exported classifier: `classifier(images)` -> `{"logits", "probabilities", "ood_score",
-    "prediction"}` numpy arrays for float32 `[B, 3, R, R]` images in [0, 1]."""
+    "prediction"}` numpy arrays for float32 `[B, 3, R, R]` images in [0, 1]. `providers`: see
+    `resolve_providers` (default: the GPU where onnxruntime-gpu finds one, else the CPU)."""
 
-    def __init__(self, path, *, providers: Iterable[str] = ("CPUExecutionProvider",)):
+    def __init__(self, path, *, providers: Union[str, Iterable[str]] = "auto"):
         if not Path(path).is_file():
             raise FileNotFoundError(f"no ONNX model at {path}; create one with `reprogrammer export`")
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, providers=list(providers))
+        self.session = ort.InferenceSession(self.path, providers=resolve_providers(providers))
         self.metadata = meta.decode(self.session.get_modelmeta().custom_metadata_map)
         missing = sorted({meta.CLASSNAMES, meta.IMAGE_RESOLUTION} - set(self.metadata))
         if missing:
@@ -117,14 +141,15 @@ def _classify(classifier: OnnxClassifier, batch: list[tuple[str, Union[np.ndarra
         row += 1
 
 
-def predict_files(model, paths: Iterable, *, batch_size: int = 32) -> Iterator[dict]:
+def predict_files(model, paths: Iterable, *, batch_size: int = 32,
+                  providers: Union[str, Iterable[str]] = "auto") -> Iterator[dict]:
     """Classify PNG/JPEG files (directories are searched recursively), in order, one record each:
     `{"path", "class", "probability", "ood_score", "ood", "error"}`. `ood` is None when the model
     has no calibrated threshold; a file that cannot be read gets an `error` and None elsewhere.
-    `model` is an `OnnxClassifier` or the path of an exported model."""
+    `model` is an `OnnxClassifier` or the path of an exported model (run on `providers`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    classifier = model if isinstance(model, OnnxClassifier) else OnnxClassifier(model)
+    classifier = model if isinstance(model, OnnxClassifier) else OnnxClassifier(model, providers=providers)
     batch, loaded = [], 0
     for path, error in _image_files(paths):
         if error is None:
@@ -149,10 +174,13 @@ def predict_main(argv: Optional[list[str]] = None) -> int:
         "Classify PNG/JPEG images (files or directories, searched recursively) with an exported ONNX model."))
     parser.add_argument("--onnx", required=True, help="model written by `reprogrammer export`")
     parser.add_argument("--batch-size", type=int, default=32, help="images per onnxruntime call (default 32)")
+    parser.add_argument("--providers", default="auto", help=(
+        "onnxruntime execution providers, comma-separated, best first (default auto: TensorRT and CUDA "
+        "where the installed onnxruntime has them, then CPUExecutionProvider)"))
     parser.add_argument("images", nargs="+", help="image files or directories")
     args = parser.parse_args(argv)
     failed = 0
-    for record in predict_files(args.onnx, args.images, batch_size=args.batch_size):
+    for record in predict_files(args.onnx, args.images, batch_size=args.batch_size, providers=args.providers):
         print(json.dumps(record), flush=True)
         failed += record["error"] is not None
     return 1 if failed else 0

@@ -1,4 +1,4 @@
-"""`reprogrammer` command line: train, eval, export, predict, demo, bench."""
+"""`reprogrammer` command line: train, eval, export, predict, config, demo, bench."""
 import argparse
 import importlib
 import logging
@@ -41,18 +41,36 @@ def _export(args) -> int:
     count = min(len(val), args.calibration_samples)
     calibration = np.stack([val[i][0].numpy() for i in range(count)]).astype(np.float32) / 255 if count else None
     report = export_onnx(classifier, args.out, image_resolution=meta["image_resolution"], alpha=args.alpha,
-                         fp16=args.fp16, opset=args.opset, calibration_images=calibration,
+                         fp16=args.fp16, opset=args.opset, exporter=args.exporter, calibration_images=calibration,
                          metadata={"model_name": meta["model"]["name"], "pretrained": str(meta["model"]["pretrained"]),
                                    "method": meta["method"]})
-    print(f"wrote {report['path']}: max |difference| against PyTorch {report['max_abs_diff']}, "
-          f"OOD threshold {report['ood_threshold']}")
+    print(f"wrote {report['path']} ({report['exporter']} exporter): max |difference| against PyTorch "
+          f"{report['max_abs_diff']}, OOD threshold {report['ood_threshold']}")
     return 0
 
 
 def _predict(args) -> int:
     from .export import predict_main
 
-    return predict_main(["--onnx", args.onnx, *args.images, "--batch-size", str(args.batch_size)])
+    return predict_main(["--onnx", args.onnx, *args.images, "--batch-size", str(args.batch_size),
+                         "--providers", args.providers])
+
+
+def _config_show(args) -> int:
+    from .config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.name, tuple(args.set))), end="")
+    return 0
+
+
+def _config_list(args) -> int:
+    from .config import list_presets
+
+    presets = list_presets()
+    width = max(map(len, presets))
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
 
 
 def _demo(args) -> int:
@@ -100,8 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--which", default="best")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument("--alpha", type=float, help="Residual Reprogrammer blend (default: the run's)")
-    ex.add_argument("--fp16", action="store_true", help="fp16 image tower")
-    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--fp16", action="store_true",
+                    help="float16 image tower for GPU serving (float32 inputs and outputs), verified against "
+                         "PyTorch within twice PyTorch's own fp16 error")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                    help="auto: torch.export-based (dynamo) where onnxscript is installed and opset >= 18, "
+                         "else the TorchScript tracer (legacy)")
     ex.add_argument("--calibration-samples", type=int, default=2000,
                     help="validation images used to set the OOD threshold at 95%% TPR")
     ex.set_defaults(func=_export)
@@ -109,8 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files with an exported ONNX model (onnxruntime only)")
     pr.add_argument("--onnx", required=True)
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--providers", default="auto",
+                    help="onnxruntime execution providers, comma-separated (default auto: TensorRT/CUDA where "
+                         "the installed onnxruntime has them, else CPU)")
     pr.add_argument("images", nargs="+", help="PNG/JPEG files or folders")
     pr.set_defaults(func=_predict)
+
+    config = sub.add_parser("config", help="print a resolved config, or list the presets")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    show = config_sub.add_parser("show", help="the resolved config (a preset or YAML file plus --set) as YAML")
+    show.add_argument("name", nargs="?", default="default", help="YAML file or preset (default: default)")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    show.set_defaults(func=_config_show)
+    config_sub.add_parser("list", help="the presets, one line each").set_defaults(func=_config_list)
 
     demo = sub.add_parser("demo", help="the built-in default: the paper's comparison on the shape world, offline")
     demo.add_argument("--out", default="runs/demo")

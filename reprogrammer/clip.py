@@ -1,7 +1,9 @@
 """Loading CLIP models: any open_clip architecture, plus the toolkit's small ones.
 
 `pretrained` may be an open_clip tag (downloaded where the hub is reachable), a local checkpoint
-file (open_clip's `.pt`/`.bin`/`.safetensors` formats), or None for random weights.
+file (open_clip's `.pt`/`.bin`/`.safetensors` formats), or None for random weights. Models named
+`hf-hub:ORG/REPO` or `local-dir:PATH` (a folder with open_clip's `open_clip_config.json` and a
+weights file such as `open_clip_model.safetensors`) carry their own weights: `pretrained` stays None.
 """
 import warnings
 from pathlib import Path
@@ -14,19 +16,38 @@ from .constants import CLIP_MEAN, CLIP_STD
 # `RP-ViT-Tiny` (tests) and `RP-ViT-Small` (the built-in default) are ordinary open_clip configs.
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
+SELF_CONTAINED = ("hf-hub:", "local-dir:")
+# The weight files open_clip 3.x looks for in a local-dir folder (factory._find_checkpoint_in_dir).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+
+
+def _random_weights(name: str) -> bool:
+    """Whether `name` loaded with pretrained=None gets random weights: a plain architecture does, an
+    hf-hub: model does not (open_clip downloads its weights with its config), a local-dir: folder
+    does when it holds no weights file."""
+    if name.startswith("hf-hub:"):
+        return False
+    if name.startswith("local-dir:"):
+        folder = Path(name.removeprefix("local-dir:"))
+        return folder.is_dir() and not any(p.suffix in _WEIGHT_SUFFIXES for p in folder.iterdir())
+    return True
 
 
 def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cache_dir: Optional[str] = None):
     """Return `(model, tokenizer)` for an open_clip architecture, in eval mode on `device`."""
-    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+    if name not in open_clip.list_models() and not name.startswith(SELF_CONTAINED):
         raise ValueError(
             f"unknown CLIP architecture {name!r}; use one of open_clip.list_models() "
             "(e.g. 'ViT-B-32', 'ViT-B-16', 'ViT-L-14', or the toolkit's 'RP-ViT-Tiny', 'RP-ViT-Small')"
         )
+    if name.startswith(SELF_CONTAINED) and pretrained is not None:
+        raise ValueError(f"{name} carries its own weights; set pretrained (model.pretrained) to null, "
+                         f"not {pretrained!r}")
     if pretrained is None:
-        warnings.warn(
-            f"{name} has random weights (pretrained=None): features are meaningless until it is trained; "
-            "pass an open_clip pretrained tag or a checkpoint file", stacklevel=2)
+        if _random_weights(name):
+            warnings.warn(
+                f"{name} has random weights (pretrained=None): features are meaningless until it is trained; "
+                "pass an open_clip pretrained tag or a checkpoint file", stacklevel=2)
     elif not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise FileNotFoundError(
             f"pretrained={pretrained!r} is neither an existing checkpoint file nor an open_clip tag for {name} "

@@ -16,6 +16,8 @@ from .methods.base import MethodConfig
 from .runtime import PRECISIONS
 
 PRESETS = Path(__file__).parent / "presets"
+#: Where `train.report_to` may send the training metrics (see training/tracking.py).
+REPORTERS = ("jsonl", "tensorboard", "csv")
 
 
 @dataclass
@@ -56,6 +58,8 @@ class TrainConfig:
     eval_every: Optional[int] = None
     save_every: Optional[int] = None
     keep_checkpoints: int = 2
+    #: metric writers, any of REPORTERS
+    report_to: list = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -87,6 +91,10 @@ class Config:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        unknown = [name for name in self.train.report_to if name not in REPORTERS]
+        if unknown:
+            raise ConfigError(f"train.report_to={self.train.report_to!r}: {', '.join(map(repr, unknown))} is not one "
+                              f"of {', '.join(REPORTERS)}")
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
@@ -182,3 +190,17 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The whole resolved config as YAML that `load_config` reads back to an equal `Config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def list_presets() -> dict[str, str]:
+    """`{preset name: description}`, the description being the first comment line of its file."""
+    presets = {}
+    for file in sorted(PRESETS.glob("*.yaml")):
+        first = next(iter(file.read_text().splitlines()), "")
+        presets[file.stem] = first.removeprefix("#").strip() if first.startswith("#") else ""
+    return presets

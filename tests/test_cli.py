@@ -7,6 +7,7 @@ import yaml
 from PIL import Image
 
 from reprogrammer.cli import main
+from reprogrammer.config import PRESETS
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
@@ -85,3 +86,23 @@ def test_missing_dataset_path_names_the_layout(tmp_path, capsys):
 def test_unknown_config_key_is_named(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--set", "train.bach_size=4"]) == 2
     assert "train.bach_size" in capsys.readouterr().err
+
+
+def test_config_show_prints_the_resolved_yaml(tmp_path, capsys):
+    assert main(["config", "show", "cifar10", "--set", "train.epochs=3", "--set", "train.report_to=[csv]"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    preset = yaml.safe_load((PRESETS / "cifar10.yaml").read_text())
+    assert shown["model"] == preset["model"] and shown["method"]["mr_resolution"] == preset["method"]["mr_resolution"]
+    assert shown["train"]["epochs"] == 3 and shown["train"]["report_to"] == ["csv"]
+    assert shown["train"]["log_every"] == 10 and shown["eval"]["temperature"] == 0.01  # defaults filled in
+    assert main(["config", "show", "nope"]) == 2
+    assert "neither a file nor a preset" in capsys.readouterr().err
+
+
+def test_config_list_names_each_preset_with_its_description(capsys):
+    assert main(["config", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    files = sorted(PRESETS.glob("*.yaml"))
+    assert [line.split()[0] for line in lines] == [f.stem for f in files]
+    for line, file in zip(lines, files):
+        assert line.endswith(file.read_text().splitlines()[0].lstrip("# "))

@@ -1,4 +1,6 @@
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -11,14 +13,19 @@ from PIL import Image
 from torchvision import transforms
 
 from reprogrammer import kernels
+from reprogrammer.cli import main
 from reprogrammer.export import OnnxClassifier, load_image, predict_files, predict_main
 from reprogrammer.export import graph as export_graph
+from reprogrammer.export import predict as export_predict
 from reprogrammer.export import onnx as export_onnx_module
 from reprogrammer.export.onnx import export_onnx
 from reprogrammer.export.verify import ExportVerificationError
 from tests.helpers import CLASSNAMES, tiny_reprogrammer
 
 CANVAS = 32  # RP-ViT-Tiny's input size; tiny_reprogrammer uses up_resolution 20, mr_resolution 11
+# The torch.export-based exporter runs on onnxscript, which the export extra installs.
+needs_onnxscript = pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None,
+                                      reason="onnxscript missing: pip install 'reprogrammer[export]'")
 
 
 def trained_like(**kwargs):
@@ -80,14 +87,16 @@ def calibrated(model, calibration, tmp_path_factory):
     return path, report
 
 
-@pytest.mark.parametrize("alpha, resolution, image", [
-    (0.0, 13, True), (0.4, 13, True), (0.4, CANVAS, True), (0.4, 13, False),
+@pytest.mark.parametrize("alpha, resolution, image, exporter", [
+    *(pytest.param(*case, "dynamo", marks=needs_onnxscript)
+      for case in ((0.0, 13, True), (0.4, 13, True), (0.4, CANVAS, True), (0.4, 13, False))),
+    (0.4, 13, True, "legacy"), (0.0, CANVAS, True, "legacy"),
 ])
-def test_onnxruntime_equals_pytorch(model, tmp_path, alpha, resolution, image):
+def test_onnxruntime_equals_pytorch(model, tmp_path, alpha, resolution, image, exporter):
     model = model if image else trained_like(image=False)
     path = tmp_path / "model.onnx"
-    report = export_onnx(model, path, image_resolution=resolution, alpha=alpha)
-    assert report["max_abs_diff"]["logits"] <= 1e-4
+    report = export_onnx(model, path, image_resolution=resolution, alpha=alpha, exporter=exporter)
+    assert report["exporter"] == exporter and report["max_abs_diff"]["logits"] <= 1e-4
     assert model.alpha == 0.0 and model.training  # restored after the export
     classifier = OnnxClassifier(path)
     generator = torch.Generator().manual_seed(5)
@@ -179,6 +188,30 @@ def test_predict_path_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_auto_providers_take_the_gpu_where_onnxruntime_has_it(monkeypatch):
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(export_predict.ort, "get_available_providers", lambda: gpu)
+    assert export_predict.resolve_providers() == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                  "CPUExecutionProvider"]
+    assert export_predict.resolve_providers("CUDAExecutionProvider, CPUExecutionProvider") == \
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(export_predict.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert export_predict.resolve_providers("auto") == ["CPUExecutionProvider"]
+
+
+def test_unknown_or_missing_providers_are_clear_errors(calibrated, tmp_path, monkeypatch, capsys):
+    path, _ = calibrated
+    with pytest.raises(ValueError, match="unknown onnxruntime execution provider 'CUDA'"):
+        OnnxClassifier(path, providers="CUDA")
+    monkeypatch.setattr(export_predict.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="'CUDAExecutionProvider' is not available .* install onnxruntime-gpu"):
+        OnnxClassifier(path, providers=["CUDAExecutionProvider"])
+    assert OnnxClassifier(path).session.get_providers() == ["CPUExecutionProvider"]
+    paths, _ = write_images(tmp_path)
+    assert main(["predict", "--onnx", str(path), "--providers", "Bogus", str(paths[0])]) == 2
+    assert "unknown onnxruntime execution provider 'Bogus'" in capsys.readouterr().err
+
+
 def test_onnx_classifier_rejects_bad_images(calibrated):
     classifier = OnnxClassifier(calibrated[0])
     with pytest.raises(ValueError, match=r"\[B, 3, 13, 13\]"):
@@ -202,6 +235,45 @@ def test_fp16_export_within_tolerance(model, tmp_path):
     got = OnnxClassifier(path)(images.numpy())
     assert_matches(got, expected_outputs(model, images, 0.4), atol=1e-2)
     assert np.abs(got["logits"] - expected_outputs(model, images, 0.4)["logits"]).max() > 1e-6  # really fp16
+
+
+@needs_onnxscript
+def test_auto_exporter_prefers_dynamo_and_falls_back_to_legacy(model, tmp_path, monkeypatch, caplog):
+    assert export_onnx_module._exporters_to_try("auto", 18) == ["dynamo", "legacy"]
+    assert export_onnx_module._exporters_to_try("auto", 17) == ["legacy"]  # dynamo emits opset >= 18
+    assert export_onnx_module._exporters_to_try("auto", 18, fp16=True) == ["legacy"]  # see export.onnx
+    with pytest.raises(ValueError, match="opset 18 or later"):
+        export_onnx(model, tmp_path / "m.onnx", image_resolution=13, opset=17, exporter="dynamo")
+    with pytest.raises(ValueError, match="dynamo' with fp16"):
+        export_onnx(model, tmp_path / "m.onnx", image_resolution=13, fp16=True, exporter="dynamo")
+
+    def unsupported(*args):
+        raise RuntimeError("torch.export cannot capture this model")
+
+    monkeypatch.setattr(export_onnx_module, "_export_dynamo", unsupported)
+    report = export_onnx(model, tmp_path / "m.onnx", image_resolution=13, alpha=0.4)
+    assert report["exporter"] == "legacy" and report["opset"] == 18
+    assert "cannot capture this model" in caplog.text
+    images = torch.rand(3, 3, 13, 13, generator=torch.Generator().manual_seed(4))
+    assert_matches(OnnxClassifier(tmp_path / "m.onnx")(images.numpy()), expected_outputs(model, images, 0.4), atol=1e-4)
+    with pytest.raises(RuntimeError, match="cannot capture"):  # asked for explicitly: no fallback
+        export_onnx(model, tmp_path / "n.onnx", image_resolution=13, exporter="dynamo")
+
+
+def test_fp16_tolerance_is_twice_pytorchs_own_fp16_error(tmp_path):
+    """With CLIP's logit scale of 100 and no extra atol, the fp16 graph passes on the error PyTorch
+    itself makes in fp16; a fixed absolute tolerance would not scale with the model."""
+    model = trained_like().eval()
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(100.0))
+    report = export_onnx(model, tmp_path / "model.onnx", image_resolution=CANVAS, alpha=0.4, fp16=True, atol=0.0)
+    assert 0 < report["tolerance"]["logits"] < 0.05  # fp16 is ~1e-3 relative; logits span ~5 here
+    assert report["max_abs_diff"]["logits"] <= report["tolerance"]["logits"]
+    images = torch.rand(5, 3, CANVAS, CANVAS, generator=torch.Generator().manual_seed(9))
+    got = OnnxClassifier(tmp_path / "model.onnx")(images.numpy())
+    assert_matches(got, expected_outputs(model, images, 0.4), atol=report["tolerance"]["logits"])
+    with pytest.raises(ExportVerificationError, match="disagrees"):  # fp32 has no such allowance
+        export_onnx(model, tmp_path / "fp32.onnx", image_resolution=CANVAS, alpha=0.4, atol=0.0, exporter="legacy")
 
 
 def test_large_weights_go_to_an_external_data_file(model, tmp_path, monkeypatch):
@@ -238,6 +310,7 @@ def test_non_vit_and_incompatible_models_are_rejected(tmp_path):
     ({"image_resolution": 0}, ValueError, "positive int"),
     ({"image_resolution": 16.0}, ValueError, "positive int"),
     ({"image_resolution": 16, "opset": 9}, ValueError, "opset"),
+    ({"image_resolution": 16, "exporter": "jit"}, ValueError, "auto, dynamo, legacy"),
     ({"image_resolution": 16, "metadata": {"alpha": 1.0}}, ValueError, "derived"),
     ({"image_resolution": 16, "alpha": 1.5}, ValueError, "alpha"),
     ({"image_resolution": 16, "calibration_images": torch.rand(4, 3, 15, 15)}, ValueError, r"\[B, 3, 16, 16\]"),

@@ -95,7 +95,7 @@ class CoOpClassifier(Classifier):
         return F.cross_entropy(self(images).float(), labels)
 
     def make_optimizers(self, total_steps):
-        optimizer = torch.optim.SGD([self.context], lr=or_default(self.cfg.lr, 2e-3), momentum=0.9,
+        optimizer = torch.optim.SGD([{"params": [self.context], "name": "context"}], lr=or_default(self.cfg.lr, 2e-3), momentum=0.9,
                                     weight_decay=or_default(self.cfg.weight_decay, 5e-4))
         return [optimizer], [scheduled(optimizer, or_default(self.cfg.warmup_steps, 500), total_steps)]
 

@@ -24,7 +24,7 @@ from .linear import (
 def fine_tune_optimizer(classifier: LinearHeadClassifier, cfg: MethodConfig) -> torch.optim.Optimizer:
     """AdamW over image tower + head: lr 3e-5, wd 0.1, betas (0.9, 0.98), eps 1e-6, unless `cfg` overrides."""
     params = [*classifier.image_tower.parameters(), *classifier.head.parameters()]
-    return torch.optim.AdamW(params, lr=or_default(cfg.lr, 3e-5), betas=(0.9, 0.98), eps=1e-6,
+    return torch.optim.AdamW([{"params": params, "name": "tower_and_head"}], lr=or_default(cfg.lr, 3e-5), betas=(0.9, 0.98), eps=1e-6,
                              weight_decay=or_default(cfg.weight_decay, 0.1))
 
 

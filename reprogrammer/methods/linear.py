@@ -94,7 +94,7 @@ class LinearHeadClassifier(Classifier):
 
 def linear_probe_optimizer(head: nn.Linear, lr=None, weight_decay=None) -> torch.optim.Optimizer:
     """Adam, lr 1e-2, no weight decay (the authors' linear probe) unless given."""
-    return torch.optim.Adam(head.parameters(), lr=or_default(lr, 1e-2), weight_decay=or_default(weight_decay, 0.0))
+    return torch.optim.Adam([{"params": list(head.parameters()), "name": "head"}], lr=or_default(lr, 1e-2), weight_decay=or_default(weight_decay, 0.0))
 
 
 class LinearProbeClassifier(LinearHeadClassifier):

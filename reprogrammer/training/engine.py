@@ -7,7 +7,6 @@ written; the best validation accuracy picks the `best` checkpoint. SIGINT/SIGTER
 current step, save, and stop with `TrainingInterrupted`.
 """
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -29,6 +28,7 @@ from ..runtime import autocast, resolve_device, to_float_images
 from . import checkpoint as ckpt
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
 from .telemetry import GpuTelemetry
+from .tracking import learning_rates, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
                          pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_images)
     save_every = tcfg.save_every or steps_per_epoch
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(run_dir / "train_log.jsonl", "a") if info.is_main else None
+    tracker = start_tracking(cfg, run_dir, optimizers, main=info.is_main)
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.method.name}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)
     classifier.train()
@@ -147,7 +147,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     window = {"start": start, "images": 0, "steps": 0}
     loss_sum = torch.zeros((), device=device)
     telemetry = GpuTelemetry(device.index) if device.type == "cuda" and info.is_main else contextlib.nullcontext()
-    with _StopFlag() as stop, telemetry:
+    with _StopFlag() as stop, telemetry, tracker:
         while state["step"] < total_steps:
             epoch, offset = divmod(state["step"], steps_per_epoch)
             sampler.set_position(epoch, offset * micro_batch * tcfg.grad_accum)
@@ -195,25 +195,21 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
                     rate = window["images"] / max(now - window["start"], 1e-9)
                     window.update(start=now, images=0, steps=0)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-                    if log_file:
-                        record = {"step": state["step"], "epoch": epoch, "loss": mean_loss,
-                                  "lr": [g["lr"] for o in optimizers for g in o.param_groups],
-                                  "images_per_s": rate, "grad_scale": scaler.get_scale() if scaler.is_enabled() else None,
-                                  "skipped_steps": state["skipped_steps"], "max_memory_mb": _memory_mb(device)}
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
+                    tracker.log_train(state["step"], epoch=epoch, loss=mean_loss, lr=learning_rates(optimizers),
+                                      images_per_s=rate, grad_scale=scaler.get_scale() if scaler.is_enabled() else None,
+                                      skipped_steps=state["skipped_steps"], max_memory_mb=_memory_mb(device))
                 if state["step"] % save_every == 0 or last or stopping:
                     _check_finite(loss_sum, state, tcfg, info, run_dir)
                     _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta,
                                        optimizers, schedulers, scaler)
+                    if state["evaluations"] and state["evaluations"][-1]["step"] == state["step"]:
+                        tracker.log_validation(state["step"], accuracy=state["evaluations"][-1]["val_accuracy"])
                 if stopping:
                     bar.close()
                     name = signal.Signals(stop.signum).name
                     raise TrainingInterrupted(stop.signum, f"stopped by {name} at step {state['step']}; checkpoint "
                                               f"saved in {run_dir / 'checkpoints'}; continue with --resume")
     bar.close()
-    if log_file:
-        log_file.close()
     elapsed = time.perf_counter() - start
     summary = _summary(cfg, run_dir, state, total_steps, images_seen, elapsed)
     summary["gpu_telemetry"] = telemetry.summary() if isinstance(telemetry, GpuTelemetry) else None

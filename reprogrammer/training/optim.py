@@ -28,12 +28,15 @@ def scheduled(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torc
 
 def reprogrammer_optimizers(model, *, image_lr: float = 5e-3, text_lr: float = 5e-4,
                             weight_decay: float = 0.1) -> list[torch.optim.Optimizer]:
-    """Adam with coupled L2 for the image delta; AdamW (betas 0.9/0.98, eps 1e-6) for the text embeddings."""
+    """Adam with coupled L2 for the image delta; AdamW (betas 0.9/0.98, eps 1e-6) for the text embeddings.
+
+    Parameter groups are named (`image_delta`, `text`) for the learning rates the trackers log."""
     optimizers = []
     if model.image_delta is not None and model.image_delta.requires_grad:
-        optimizers.append(torch.optim.Adam([model.image_delta], lr=image_lr, weight_decay=weight_decay))
+        optimizers.append(torch.optim.Adam([{"params": [model.image_delta], "name": "image_delta"}], lr=image_lr,
+                                           weight_decay=weight_decay))
     text = [p for p in (model.token_rows, model.text_positional) if p.requires_grad]
     if text:
-        optimizers.append(torch.optim.AdamW(text, lr=text_lr, betas=(0.9, 0.98), eps=1e-6,
-                                            weight_decay=weight_decay))
+        optimizers.append(torch.optim.AdamW([{"params": text, "name": "text"}], lr=text_lr, betas=(0.9, 0.98),
+                                            eps=1e-6, weight_decay=weight_decay))
     return optimizers

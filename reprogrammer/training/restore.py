@@ -24,8 +24,8 @@ def clip_from_config(cfg: Config, *, device="cpu"):
         if model.name not in BUILT_IN:
             raise ConfigError(
                 f"model.pretrained=shapeworld exists only for the built-in architectures {', '.join(BUILT_IN)}, "
-                f"not {model.name!r}; set model.pretrained to an open_clip tag (e.g. openai), an hf-hub: model "
-                "or a checkpoint file")
+                f"not {model.name!r}; set model.pretrained to an open_clip tag (e.g. openai) or a checkpoint "
+                "file, or to null for an hf-hub: or local-dir: model")
         from ..shapeworld.pretrain import load_shapeworld_clip
 
         return load_shapeworld_clip(model.name, device=device)

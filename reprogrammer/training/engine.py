@@ -45,11 +45,18 @@ class TrainingDiverged(RuntimeError):
 
 @torch.no_grad()
 def evaluate_accuracy(classifier, dataset, batch_size: int, device, precision: str, info: DistInfo) -> float:
-    """Top-1 accuracy on `dataset`, each rank scoring its own shard."""
+    """Top-1 accuracy on `dataset`, each rank scoring its own shard.
+
+    Side-effect free on the random state: a DataLoader draws its base seed when iterated, from
+    the global RNG unless it has a generator of its own, and the checkpoint saves the global RNG
+    that training's dropout masks come from.
+    """
     classifier.eval()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     counts = torch.zeros(2, dtype=torch.float64, device=device)
-    for images, labels, _ in DataLoader(shard, batch_size=batch_size, num_workers=0, collate_fn=collate_images):
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=0, collate_fn=collate_images,
+                        generator=torch.Generator().manual_seed(0))
+    for images, labels, _ in loader:
         with autocast(device, precision):
             logits = classifier(to_float_images(images, device))
         counts[0] += (logits.argmax(-1).cpu() == labels).sum().item()
@@ -202,10 +209,11 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
                                   "skipped_steps": state["skipped_steps"], "max_memory_mb": _memory_mb(device)}
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
-                if state["step"] % save_every == 0 or last or stopping:
+                scheduled = state["step"] % save_every == 0 or last
+                if scheduled or stopping:
                     _check_finite(loss_sum, state, tcfg, info, run_dir)
                     _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta,
-                                       optimizers, schedulers, scaler)
+                                       optimizers, schedulers, scaler, interrupt=not scheduled)
                 if stopping:
                     bar.close()
                     name = signal.Signals(stop.signum).name
@@ -248,9 +256,13 @@ def _check_finite(loss_sum, state, tcfg, info, run_dir) -> float:
     return value
 
 
-def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta, optimizers, schedulers, scaler):
+def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta, optimizers, schedulers, scaler,
+                       interrupt=False):
+    """A scheduled checkpoint is scored on the validation split and may become `best`; an interrupt
+    checkpoint (a stop between scheduled saves) is neither, so a stopped and resumed run selects
+    the same `best` as an uninterrupted one."""
     val_accuracy = None
-    if data.val is not None and len(data.val):
+    if not interrupt and data.val is not None and len(data.val):
         val_accuracy = evaluate_accuracy(classifier, data.val, cfg.train.batch_size, device, cfg.train.precision, info)
         state["evaluations"].append({"step": state["step"], "val_accuracy": val_accuracy})
     best = val_accuracy is not None and val_accuracy > state["best_val"]
@@ -258,8 +270,9 @@ def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta
         state["best_val"], state["best_step"] = val_accuracy, state["step"]
     if info.is_main:
         ckpt.save_checkpoint(run_dir, state["step"], classifier, optimizers, schedulers,
-                             dict(meta, val_accuracy=val_accuracy, engine_state=state), scaler=scaler,
-                             best=best or state["best_step"] is None, keep=cfg.train.keep_checkpoints)
+                             dict(meta, val_accuracy=val_accuracy, interrupt=interrupt, engine_state=state),
+                             scaler=scaler, best=best or (state["best_step"] is None and not interrupt),
+                             keep=cfg.train.keep_checkpoints)
 
 
 def _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state):

@@ -177,6 +177,19 @@ def base_dataset(dataset: Dataset) -> ImageDataset:
     return dataset
 
 
+def first_image_size(dataset: Dataset) -> int:
+    """The side of the first readable image of `dataset`; unreadable ones on the way are recorded
+    (and fatal past the dataset's `max_skipped_fraction`)."""
+    owner = base_dataset(dataset)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if not isinstance(sample, SkippedSample):
+            return int(sample[0].shape[-1])
+        owner.record_skipped([sample])
+    raise TooManySkippedError(f"{owner.name}: none of its {len(dataset)} samples is readable; check the files "
+                              "or the dataset root")
+
+
 class ImageLoader:
     """A DataLoader that yields `(images uint8 [B, 3, H, W], labels int64 [B])`, unreadable files dropped.
 

@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_dict
-from ..data.images import base_dataset, collate_images
+from ..data.images import base_dataset, collate_images, first_image_size
 from ..data.suites import TrainData
 from ..files import write_json_atomically
 from ..methods import TrainingObjective, build_method
 from ..runtime import autocast, resolve_device, to_float_images
 from . import checkpoint as ckpt
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
+from .rundir import RunDirectory
 from .telemetry import GpuTelemetry
 
 log = logging.getLogger(__name__)
@@ -92,20 +93,23 @@ def _memory_mb(device) -> Optional[float]:
     return None
 
 
-def train(cfg: Config, run_dir, data: TrainData, *, clip, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, run_dir, data: TrainData, *, clip, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
     """Train `cfg.method` on `data` from `clip = (model, tokenizer)` (see `training.restore.clip_from_config`);
-    returns the summary also written to `RUN_DIR/summary.json`."""
+    returns the summary also written to `RUN_DIR/summary.json`. A run directory that already holds a
+    run needs `resume` (continue it) or `overwrite` (replace it); one training at a time holds it."""
     run_dir = Path(run_dir)
     tcfg = cfg.train
     info = init_distributed("cuda" if tcfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     device = resolve_device(tcfg.device, info.local_rank)
     try:
-        return _train(cfg, run_dir, data, resume, clip, progress, info, device)
+        with RunDirectory(run_dir, resume=resume, overwrite=overwrite, owner=info.is_main) as run:
+            return _train(cfg, run_dir, data, resume, clip, progress, info, device, run)
     finally:
         shutdown(info)
 
 
-def _train(cfg, run_dir, data, resume, clip, progress, info, device):
+def _train(cfg, run_dir, data, resume, clip, progress, info, device, run):
     tcfg = cfg.train
     if tcfg.batch_size % (info.world_size * tcfg.grad_accum):
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by world size {info.world_size} "
@@ -136,7 +140,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
 
     meta = {"config": to_dict(cfg), "classnames": list(data.classnames), "method": cfg.method.name,
             "model": {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
-            "image_resolution": int(data.train[0][0].shape[-1])}
+            "image_resolution": first_image_size(data.train)}
     state = {"step": 0, "best_val": -1.0, "best_step": None, "evaluations": [], "skipped_steps": 0}
     if resume:
         state = _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state)
@@ -145,7 +149,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     loader_kwargs = dict(batch_size=micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
                          pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_images)
     save_every = tcfg.save_every or steps_per_epoch
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.start()
     log_file = open(run_dir / "train_log.jsonl", "a") if info.is_main else None
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.method.name}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)
@@ -250,9 +254,11 @@ def _check_finite(loss_sum, state, tcfg, info, run_dir) -> float:
     """The loss summed since the last log, over ranks; raises on NaN/inf in fp32 (before any save)."""
     value = all_reduce_sum(loss_sum.clone(), info).item() / info.world_size
     if not math.isfinite(value) and tcfg.precision == "fp32":
-        raise TrainingDiverged(
-            f"loss became {value} by step {state['step']} in fp32; stopped without saving. The last good "
-            f"checkpoint is in {run_dir / 'checkpoints'} (latest.json); lower the learning rate and --resume")
+        last = ckpt.latest_name(run_dir)
+        advice = (f"--resume continues from the last checkpoint, {last}, written before it" if last else
+                  "no checkpoint was written before it: train again (--overwrite)")
+        raise TrainingDiverged(f"loss became {value} by step {state['step']} in fp32; stopped without saving. "
+                               f"Lower the learning rate; {advice}")
     return value
 
 
@@ -283,7 +289,7 @@ def _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state):
                                    f"this run is {meta['method']} on {meta['model']}")
     if saved["classnames"] != meta["classnames"]:
         raise ckpt.CheckpointError(f"{path} was trained on other classes; resume needs the same dataset")
-    classifier.load_learned_state(ckpt.load_learned(path))
+    classifier.load_learned_state(ckpt.load_learned(path, saved))
     ckpt.restore_training(path, saved, optimizers, schedulers, scaler)
     log.info("resumed from %s (step %d)", path, saved["step"])
     return dict(saved["engine_state"])

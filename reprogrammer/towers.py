@@ -70,11 +70,14 @@ def encode_text_embeddings(clip, embeddings: torch.Tensor, tokens: torch.Tensor,
 def check_pixel_range(images: torch.Tensor) -> None:
     """Images must be floats in [0, 1]. Checked on CPU tensors only: on an accelerator the check
     would stall the stream, and the data pipeline converts uint8 there, which guarantees the range."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, 3, H, W] of floats in [0, 1], got {type(images).__name__}; "
+                        "convert with torch.as_tensor(images)")
     if images.device.type != "cpu" or images.numel() == 0 or torch.compiler.is_compiling() \
             or torch.jit.is_tracing():
         return
     low, high = images.min().item(), images.max().item()
-    if low < 0 or high > 1:
+    if not 0 <= low <= high <= 1:  # also false for NaN
         raise ValueError(
             f"images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]; pass raw pixels / 255, "
             "not normalised images (the reprogrammer normalises after adding its perturbation)"

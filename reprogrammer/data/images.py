@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..pixels import open_rgb
+
 log = logging.getLogger(__name__)
 
 
@@ -142,8 +144,7 @@ class FileImageDataset(ImageDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedSample:
         path = self.path(index)
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
+            image = open_rgb(path)
         # Decoders raise OSError, SyntaxError, ValueError, EOFError, zlib errors...: any failure to
         # decode one file is that file's problem; the skip limit still stops systematic failures.
         except Exception as error:  # noqa: BLE001

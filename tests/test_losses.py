@@ -79,15 +79,19 @@ def test_contrastive_focal_loss_is_the_mean_of_both_directions():
     classes = np.array([2, 0, 2, 1, 0])
     logits = 7.0 * image @ text[classes].T
 
-    def focal(z):
+    def focal(z, alpha=0.8, gamma=4.0, eps=1e-7):
         log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        weight = np.eye(len(z)) + 1e-7
-        return (weight * (-0.8 * (1 - np.exp(log_p)) ** 4 * log_p)).sum(-1).mean()
+        weight = np.eye(len(z)) + eps
+        return (weight * (-alpha * (1 - np.exp(log_p)) ** gamma * log_p)).sum(-1).mean()
 
     expected = 0.5 * (focal(logits) + focal(logits.T))
-    actual = contrastive_focal_loss(torch.tensor(image, dtype=torch.float32), torch.tensor(text, dtype=torch.float32),
-                                    torch.tensor(classes), torch.tensor(7.0)).item()
-    assert actual == pytest.approx(expected, rel=1e-5)
+    inputs = (torch.tensor(image, dtype=torch.float32), torch.tensor(text, dtype=torch.float32), torch.tensor(classes),
+              torch.tensor(7.0))
+    assert contrastive_focal_loss(*inputs).item() == pytest.approx(expected, rel=1e-5)
+    # The focal settings reach both directions.
+    settings = dict(alpha=0.5, gamma=2.0, eps=1e-3)
+    expected = 0.5 * (focal(logits, **settings) + focal(logits.T, **settings))
+    assert contrastive_focal_loss(*inputs, **settings).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_schedule_edges():
@@ -96,9 +100,11 @@ def test_schedule_edges():
     assert warmup_cosine(9, 9, 10) == 1.0
     assert warmup_cosine(1, 2, 2) == 1.0  # inside the warm-up even when it is all of training
     check_schedule(9, 10)
-    with pytest.raises(ValueError, match="warm-up"):
+    check_schedule(0, 1)
+    with pytest.raises(ValueError, match=r"warm-up \(10 steps\) is not shorter than training \(10 steps\); lower "
+                                         "method.warmup_steps or train longer"):
         check_schedule(10, 10)
-    with pytest.raises(ValueError, match="0 steps"):
+    with pytest.raises(ValueError, match="training has 0 steps"):
         check_schedule(0, 0)
     with pytest.raises(ValueError, match="at least one epoch"):
         check_schedule(0, -1)

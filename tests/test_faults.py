@@ -115,8 +115,9 @@ def test_sigterm_and_sigint_mid_epoch_then_resume_is_bitwise_identical(tmp_path,
 
 
 def test_sigkill_mid_step_and_during_a_save_then_resume_is_bitwise_identical(tmp_path, reference):
-    mid_step, in_save = tmp_path / "mid-step", tmp_path / "in-save"
+    mid_step, late, in_save = tmp_path / "mid-step", tmp_path / "late", tmp_path / "in-save"
     killed = [start([phase(mid_step, signal="SIGKILL", signal_at_sample=sample_of_step(5) + 3)]),
+              start([phase(late, signal="SIGKILL", signal_at_sample=sample_of_step(8) + 6)]),
               # Tensor files 1-2 are step 3's checkpoint; file 3 is the first of step 6's.
               start([phase(in_save, kill_after_file=3)])]
     for process in killed:
@@ -125,11 +126,12 @@ def test_sigkill_mid_step_and_during_a_save_then_resume_is_bitwise_identical(tmp
     temporaries = list((in_save / "checkpoints").glob(".step-*"))
     assert temporaries and ckpt.find_checkpoint(in_save).name == "step-00000003"
     assert (mid_step / ".lock").exists()  # a killed training cannot release its lock
-    codes, err, _ = run_phases([phase(mid_step, "--resume"), phase(in_save, "--resume")])
-    assert codes == [0, 0], err
+    assert ckpt.find_checkpoint(late).name == "step-00000006"
+    codes, err, _ = run_phases([phase(mid_step, "--resume"), phase(late, "--resume"), phase(in_save, "--resume")])
+    assert codes == [0, 0, 0], err
     assert "ended without releasing it" in err and "removed 1 temporaries" in err
     assert not list((in_save / "checkpoints").glob(".step-*"))
-    for run_dir in (mid_step, in_save):
+    for run_dir in (mid_step, late, in_save):
         assert_same_run(run_dir, reference / "accum1")
         assert not (run_dir / ".lock").exists()
 

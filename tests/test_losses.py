@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,20 +126,29 @@ def test_the_scheduler_applies_the_schedule_before_each_step():
         scheduled(optimizer, 6, 6)
 
 
+def _learned(image=True, text=True):
+    """What `reprogrammer_optimizers` reads of a Reprogrammer: its three learned tensors."""
+    delta = torch.nn.Parameter(torch.zeros(3, 4, 4)) if image else None
+    rows, positional = (torch.nn.Parameter(torch.zeros(n, 4), requires_grad=text) for n in (5, 7))
+    return SimpleNamespace(image_delta=delta, token_rows=rows, text_positional=positional)
+
+
 def test_reprogrammer_optimizers_are_the_authors():
-    model = tiny_reprogrammer()
+    model = _learned()
     image, text = reprogrammer_optimizers(model, image_lr=0.1, text_lr=0.01, weight_decay=0.5)
     assert type(image) is torch.optim.Adam and type(text) is torch.optim.AdamW
-    assert image.param_groups[0]["params"] == [model.image_delta]
-    assert image.param_groups[0]["lr"] == 0.1 and image.param_groups[0]["weight_decay"] == 0.5
-    assert [p is q for p, q in zip(text.param_groups[0]["params"], (model.token_rows, model.text_positional))] == \
-        [True, True] and len(text.param_groups[0]["params"]) == 2
+    assert len(image.param_groups) == 1 and image.param_groups[0]["params"] == [model.image_delta]
+    group = image.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.1, (0.9, 0.999), 1e-8, 0.5)
+    assert len(text.param_groups) == 1
+    assert [id(p) for p in text.param_groups[0]["params"]] == [id(model.token_rows), id(model.text_positional)]
     group = text.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.01, (0.9, 0.98), 1e-6, 0.5)
     defaults = reprogrammer_optimizers(model)
     assert [o.param_groups[0]["lr"] for o in defaults] == [5e-3, 5e-4]
     assert [o.param_groups[0]["weight_decay"] for o in defaults] == [0.1, 0.1]
-    text_only = tiny_reprogrammer(image=False)
-    assert [type(o) for o in reprogrammer_optimizers(text_only)] == [torch.optim.AdamW]
-    image_only = tiny_reprogrammer(text=False)
-    assert [type(o) for o in reprogrammer_optimizers(image_only)] == [torch.optim.Adam]
+    assert [type(o) for o in reprogrammer_optimizers(_learned(image=False))] == [torch.optim.AdamW]
+    assert [type(o) for o in reprogrammer_optimizers(_learned(text=False))] == [torch.optim.Adam]
+    frozen = _learned()
+    frozen.image_delta.requires_grad_(False)
+    assert [type(o) for o in reprogrammer_optimizers(frozen)] == [torch.optim.AdamW]

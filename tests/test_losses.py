@@ -71,6 +71,16 @@ def test_focal_loss_keeps_the_eps_term_on_confident_logits():
     assert actual == pytest.approx(gamma2, rel=1e-4)
 
 
+def test_focal_loss_sums_classes_over_the_last_dimension_of_any_batch_shape():
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((2, 3, 5)) * 3  # classes last; sum over them, mean over the rest
+    target = rng.integers(0, 5, (2, 3))
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = ((np.eye(5)[target] + 1e-7) * (-0.8 * (1 - np.exp(log_p)) ** 4 * log_p)).sum(-1).mean()
+    actual = focal_loss(torch.tensor(logits, dtype=torch.float32), torch.tensor(target)).item()
+    assert actual == pytest.approx(expected, rel=1e-5)
+
+
 def test_contrastive_focal_loss_is_the_mean_of_both_directions():
     rng = np.random.default_rng(3)
     image = rng.standard_normal((5, 4))

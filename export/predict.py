@@ -61,8 +61,8 @@ class OnnxClassifier:
         inputs = [node.name for node in self.session.get_inputs()]
         outputs = {node.name for node in self.session.get_outputs()}
         if inputs != ["images"] or not OUTPUTS <= outputs or not isinstance(self.metadata[meta.CLASSNAMES], list):
-            raise ValueError(f"{path} maps {inputs} to {sorted(outputs)} over classes {self.metadata[meta.CLASSNAMES]!r}: "
-                             "not a classifier written by `reprogrammer export`")
+            raise ValueError(f"{path} maps {inputs} to {sorted(outputs)}: not a classifier written by "
+                             "`reprogrammer export`")
         self.classnames: list[str] = self.metadata[meta.CLASSNAMES]
         self.image_resolution: int = self.metadata[meta.IMAGE_RESOLUTION]
         self.alpha: Optional[float] = self.metadata.get(meta.ALPHA)

@@ -11,8 +11,9 @@ def checked_classnames(classnames: Sequence[str]) -> list[str]:
     names = list(classnames)
     if not names:
         raise ValueError("classnames is empty: a classifier needs at least one class")
-    if not all(isinstance(name, str) and name.strip() for name in names):
-        raise ValueError(f"classnames must be non-empty strings, got {[n for n in names if not isinstance(n, str) or not n.strip()][:5]}")
+    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise ValueError(f"classnames must be non-empty strings, got {bad[:5]}")
     repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise ValueError(f"class names {repeated[:5]} appear more than once: two classes with one name have one "

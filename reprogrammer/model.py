@@ -45,9 +45,9 @@ class Reprogrammer(nn.Module):
         if not 0 <= mr_resolution <= canvas:
             raise ValueError(f"mr_resolution={mr_resolution} must lie in [0, {canvas}] (the encoder's input size)")
         if mr_resolution > up_resolution:
-            raise ValueError(f"mr_resolution={mr_resolution} exceeds up_resolution={up_resolution}: the untouched centre "
-                             "would be larger than the image, leaving a blank ring between image and perturbation; "
-                             "set method.mr_resolution <= method.up_resolution")
+            raise ValueError(f"mr_resolution={mr_resolution} exceeds up_resolution={up_resolution}: the untouched "
+                             "centre would be larger than the image, leaving a blank ring between image and "
+                             "perturbation; set method.mr_resolution <= method.up_resolution")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must lie in [0, 1)")
 

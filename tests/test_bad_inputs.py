@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import Subset
 
@@ -103,21 +102,26 @@ CASES = {
         lambda c: train(c, "--overwrite", settings=["model.name=ViT-B-32", "model.pretrained=shapeworld"]),
         "pretrained=shapeworld exists only for the built-in architectures"),
     "resume of a directory without a run": (
-        lambda c: ["train", "--resume", "--out", str(c["base"] / "no_run"), *sets(*SETTINGS, f"data.root={c['data']}")],
+        lambda c: ["train", "--resume", "--out", str(c["base"] / "no_run"),
+                   *sets(*SETTINGS, f"data.root={c['data']}")],
         "holds no checkpoints/ directory"),
     # eval
-    "eval following the run's own paths": (lambda c: ["eval", "--checkpoint", str(c["run"]), "--out", str(c["base"] / "e")],
+    "eval following the run's own paths": (lambda c: ["eval", "--checkpoint", str(c["run"]),
+                                                      "--out", str(c["base"] / "e")],
                                            "names dataset paths in its meta.json.*--set data.root"),
     "eval on other classes": (lambda c: ["eval", "--checkpoint", str(c["run"]), "--out", str(c["base"] / "e"),
-                                         *user_data(c), *sets(f"eval.test={{dataset: imagefolder, root: {c['other']}}}")],
+                                         *user_data(c),
+                                         *sets(f"eval.test={{dataset: imagefolder, root: {c['other']}}}")],
                               r"eval set 'test' has the classes \['cat', 'dog'\].*trained on \['blue'"),
     "eval of a missing step": (lambda c: ["eval", "--checkpoint", str(c["run"]), "--which", "step-00000099",
                                           "--out", str(c["base"] / "e"), *user_data(c)],
                                r"no 'step-00000099' checkpoint .*step directories: step-00000003"),
-    "eval of a folder without a run": (lambda c: ["eval", "--checkpoint", str(c["folder"]), "--out", str(c["base"] / "e")],
+    "eval of a folder without a run": (lambda c: ["eval", "--checkpoint", str(c["folder"]),
+                                                  "--out", str(c["base"] / "e")],
                                        "holds no checkpoints/ directory"),
     # export
-    "export to a folder": (lambda c: ["export", "--checkpoint", str(c["run"]), "--out", str(c["folder"]), *user_data(c)],
+    "export to a folder": (lambda c: ["export", "--checkpoint", str(c["run"]), "--out", str(c["folder"]),
+                                      *user_data(c)],
                            "is a directory; pass the .onnx file"),
     "export following the run's own paths": (
         lambda c: ["export", "--checkpoint", str(c["run"]), "--out", str(c["base"] / "m.onnx")],

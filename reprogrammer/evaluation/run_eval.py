@@ -85,9 +85,13 @@ def check_classes(sets, trained: list) -> None:
     for name, dataset in labelled.items():
         classnames = list(getattr(dataset, "classnames", sets.classnames))
         if classnames != list(trained):
-            raise ValueError(f"eval set {name!r} has the classes {classnames[:5]}{'...' if len(classnames) > 5 else ''}, "
-                             f"the checkpoint was trained on {list(trained)[:5]}{'...' if len(trained) > 5 else ''}: "
-                             "evaluate on a set with the training classes (eval.test, data.classnames_file)")
+            raise ValueError(f"eval set {name!r} has the classes {_first(classnames)}, the checkpoint was trained on "
+                             f"{_first(trained)}: evaluate on a set with the training classes (eval.test, "
+                             "data.classnames_file)")
+
+
+def _first(names, count: int = 5) -> str:
+    return str(list(names)[:count]) + ("..." if len(names) > count else "")
 
 
 def run_eval(run_dir, out_dir, *, which="best", config_path=None, overrides=(), progress=True) -> dict:

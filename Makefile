@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean mutation
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +21,18 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml; about an hour or more on
+# 2 cores, not part of CI). Runs in .mutation/, a copy of the tracked files with kernels/ and
+# export/ placed inside reprogrammer/ as installed; `make mutation` again resumes, results stay there.
+mutation: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[mutation]'
+	mkdir -p .mutation
+	git ls-files | tar -cf - -T - | tar -xf - -C .mutation
+	rm -rf .mutation/reprogrammer/kernels .mutation/reprogrammer/export
+	mv .mutation/kernels .mutation/reprogrammer/kernels
+	mv .mutation/export .mutation/reprogrammer/export
+	cd .mutation && OMP_NUM_THREADS=1 ../$(BIN)/python -m mutmut run --max-children 2
+	cd .mutation && ../$(BIN)/python -m mutmut results
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .mutation

@@ -13,6 +13,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from reprogrammer.pixels import open_rgb
+
 from . import metadata as meta
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -20,6 +22,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # (onnxruntime-gpu); the CPU provider always comes last as the fallback.
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+OUTPUTS = frozenset({"logits", "probabilities", "ood_score", "prediction"})
 
 
 def check_images(images, image_resolution: int) -> np.ndarray:
@@ -33,7 +36,7 @@ def check_images(images, image_resolution: int) -> np.ndarray:
         )
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"images must be floats in [0, 1], got {images.dtype}; divide uint8 pixels by 255")
-    if images.size and (images.min() < 0 or images.max() > 1):
+    if images.size and not 0 <= images.min() <= images.max() <= 1:  # also false for NaN
         raise ValueError(
             f"images must lie in [0, 1], got values in [{images.min():.3g}, {images.max():.3g}]; pass raw "
             "pixels / 255, not normalised images (the model normalises them itself)"
@@ -70,11 +73,20 @@ class OnnxClassifier:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no ONNX model at {path}; create one with `reprogrammer export`")
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, providers=resolve_providers(providers))
+        try:
+            self.session = ort.InferenceSession(self.path, providers=resolve_providers(providers))
+        except Exception as error:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({error}); pass a file written "
+                             "by `reprogrammer export`") from None
         self.metadata = meta.decode(self.session.get_modelmeta().custom_metadata_map)
         missing = sorted({meta.CLASSNAMES, meta.IMAGE_RESOLUTION} - set(self.metadata))
         if missing:
             raise ValueError(f"{path} lacks the metadata {missing}: it was not written by export_onnx")
+        inputs = [node.name for node in self.session.get_inputs()]
+        outputs = {node.name for node in self.session.get_outputs()}
+        if inputs != ["images"] or not OUTPUTS <= outputs or not isinstance(self.metadata[meta.CLASSNAMES], list):
+            raise ValueError(f"{path} maps {inputs} to {sorted(outputs)}: not a classifier written by "
+                             "`reprogrammer export`")
         self.classnames: list[str] = self.metadata[meta.CLASSNAMES]
         self.image_resolution: int = self.metadata[meta.IMAGE_RESOLUTION]
         self.alpha: Optional[float] = self.metadata.get(meta.ALPHA)
@@ -89,8 +101,7 @@ class OnnxClassifier:
 def load_image(path, image_resolution: int) -> np.ndarray:
     """`[3, R, R]` float32 in [0, 1]: RGB, bicubic shorter side to R, centre crop (torchvision's
     `Resize(R)` + `CenterCrop(R)` geometry)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    image = open_rgb(path)
     width, height = image.size
     short, long = sorted((width, height))
     resized_long = int(image_resolution * long / short)

@@ -15,16 +15,18 @@ def _config(config: Union[str, Path, Config, None], overrides: Sequence[str]) ->
 
 
 def train(config: Union[str, Path, Config, None] = "default", out: Union[str, Path] = "runs/train", *,
-          overrides: Sequence[str] = (), resume: bool = False, progress: bool = True) -> dict:
+          overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
     """Train the method a config names (a YAML file, a preset name or a `Config`) into run directory
-    `out`; returns the run summary (also in `out/summary.json`)."""
+    `out`; returns the run summary (also in `out/summary.json`). An existing run in `out` is
+    continued with `resume` or replaced with `overwrite`, and refused otherwise."""
     from .data.suites import build_train_data
     from .training.engine import train as train_engine
     from .training.restore import clip_from_config
 
     cfg = _config(config, overrides)
     return train_engine(cfg, out, build_train_data(cfg), clip=clip_from_config(cfg), resume=resume,
-                        progress=progress)
+                        overwrite=overwrite, progress=progress)
 
 
 def evaluate(run_dir: Union[str, Path], out: Union[str, Path], *, which: str = "best",

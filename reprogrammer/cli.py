@@ -12,7 +12,7 @@ def _train(args) -> int:
     from .training.engine import TrainingInterrupted
 
     try:
-        summary = train(args.config, args.out, overrides=args.set, resume=args.resume)
+        summary = train(args.config, args.out, overrides=args.set, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         print(f"reprogrammer: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -32,14 +32,20 @@ def _eval(args) -> int:
 def _export(args) -> int:
     import numpy as np
 
+    from .data.images import SkippedSample
     from .data.suites import build_train_data
     from .export import export_onnx
-    from .training.restore import load_run
+    from .training.restore import load_run, with_user_data_paths
 
     classifier, cfg, meta = load_run(args.checkpoint, args.which)
-    val = build_train_data(cfg).val
-    count = min(len(val), args.calibration_samples)
-    calibration = np.stack([val[i][0].numpy() for i in range(count)]).astype(np.float32) / 255 if count else None
+    if args.calibration_samples < 0:
+        raise ValueError(f"--calibration-samples must be >= 0 (0: no OOD threshold), got {args.calibration_samples}")
+    calibration = None
+    if args.calibration_samples > 0:
+        val = build_train_data(with_user_data_paths(cfg, args.checkpoint, None, args.set)).val
+        samples = (val[i] for i in range(min(len(val), args.calibration_samples)))
+        readable = [sample[0].numpy() for sample in samples if not isinstance(sample, SkippedSample)]
+        calibration = np.stack(readable).astype(np.float32) / 255 if readable else None
     report = export_onnx(classifier, args.out, image_resolution=meta["image_resolution"], alpha=args.alpha,
                          fp16=args.fp16, opset=args.opset, exporter=args.exporter, calibration_images=calibration,
                          metadata={"model_name": meta["model"]["name"], "pretrained": str(meta["model"]["pretrained"]),
@@ -102,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory (checkpoints, logs, summary)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="ID accuracy, OOD generalisation and OOD detection of a trained run")
@@ -126,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: torch.export-based (dynamo) where onnxscript is installed and opset >= 18, "
                          "else the TorchScript tracer (legacy)")
     ex.add_argument("--calibration-samples", type=int, default=2000,
-                    help="validation images used to set the OOD threshold at 95%% TPR")
+                    help="validation images used to set the OOD threshold at 95%% TPR (0: no threshold)")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="the run's dataset paths for calibration (e.g. data.root=PATH)")
     ex.set_defaults(func=_export)
 
     pr = sub.add_parser("predict", help="classify image files with an exported ONNX model (onnxruntime only)")
@@ -165,7 +174,7 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module="open_clip")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         if args.verbose:
             raise
         print(f"reprogrammer {args.command}: error: {error}", file=sys.stderr)

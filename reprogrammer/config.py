@@ -98,6 +98,18 @@ class Config:
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        # Optional counts: None means "the default" (epochs, warm-up) or "no limit" (max_steps), never 0.
+        at_least = {"train.epochs": (self.train.epochs, 1), "train.max_steps": (self.train.max_steps, 1),
+                    "train.save_every": (self.train.save_every, 1), "train.eval_every": (self.train.eval_every, 1),
+                    "method.warmup_steps": (self.method.warmup_steps, 0),
+                    "data.num_workers": (self.data.num_workers, 0), "eval.num_workers": (self.eval.num_workers, 0),
+                    "eval.batch_size": (self.eval.batch_size, 1)}
+        for key, (value, low) in at_least.items():
+            if value is not None and value < low:
+                raise ConfigError(f"{key} must be >= {low} (or null for its default), got {value}")
+        if not 0.0 <= self.data.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"data.max_skipped_fraction must lie in [0, 1] (a fraction of the files), "
+                              f"got {self.data.max_skipped_fraction}")
         if self.train.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by "
                               f"train.grad_accum={self.train.grad_accum}")

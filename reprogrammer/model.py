@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .classnames import checked_classnames
 from .clip import image_normalisation
 from .constants import DEFAULT_TEMPLATE
 from .state import load_checked
@@ -33,8 +34,7 @@ class Reprogrammer(nn.Module):
         super().__init__()
         visual = vision_tower(clip)
         text_module, _, _ = text_tower(clip)
-        if not classnames:
-            raise ValueError("classnames is empty: a classifier needs at least one class")
+        classnames = checked_classnames(classnames)
         if "{}" not in template:
             raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
         canvas = visual.image_size[0]
@@ -44,6 +44,10 @@ class Reprogrammer(nn.Module):
             raise ValueError(f"up_resolution={up_resolution} must lie in [1, {canvas}] (the encoder's input size)")
         if not 0 <= mr_resolution <= canvas:
             raise ValueError(f"mr_resolution={mr_resolution} must lie in [0, {canvas}] (the encoder's input size)")
+        if mr_resolution > up_resolution:
+            raise ValueError(f"mr_resolution={mr_resolution} exceeds up_resolution={up_resolution}: the untouched "
+                             "centre would be larger than the image, leaving a blank ring between image and "
+                             "perturbation; set method.mr_resolution <= method.up_resolution")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must lie in [0, 1)")
 

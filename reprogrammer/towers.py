@@ -71,11 +71,14 @@ def check_pixel_range(images: torch.Tensor) -> None:
     """Images must be uint8 (scaled by 1/255 inside the patch-embedding op) or floats in [0, 1].
     Floats are checked on CPU tensors only: on an accelerator the check would stall the stream,
     and the data pipeline converts uint8 there, which guarantees the range."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, 3, H, W] (uint8, or floats in [0, 1]), got "
+                        f"{type(images).__name__}; convert with torch.as_tensor(images)")
     if images.dtype == torch.uint8 or images.device.type != "cpu" or images.numel() == 0 \
             or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
     low, high = images.min().item(), images.max().item()
-    if low < 0 or high > 1:
+    if not 0 <= low <= high <= 1:  # also false for NaN
         raise ValueError(
             f"images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]; pass raw pixels / 255, "
             "not normalised images (the reprogrammer normalises after adding its perturbation)"

@@ -52,7 +52,8 @@ def run(tmp_path_factory):
 
 
 def test_train_then_eval_writes_a_complete_report(run, capsys):
-    assert main(["eval", "--checkpoint", str(run / "run"), "--out", str(run / "eval"), "--quiet"]) == 0
+    assert main(["eval", "--checkpoint", str(run / "run"), "--out", str(run / "eval"), "--quiet",
+                 "--config", str(run / "config.yaml")]) == 0
     report = json.loads((run / "eval" / "report.json").read_text())
     assert set(report["methods"]) == {"reprogrammer", "residual-reprogrammer"}
     residual = report["methods"]["residual-reprogrammer"]
@@ -67,7 +68,8 @@ def test_train_then_eval_writes_a_complete_report(run, capsys):
 
 def test_export_then_predict(run, capsys):
     onnx_path = run / "model.onnx"
-    assert main(["export", "--checkpoint", str(run / "run"), "--out", str(onnx_path), "--alpha", "0.4"]) == 0
+    assert main(["export", "--checkpoint", str(run / "run"), "--out", str(onnx_path), "--alpha", "0.4",
+                 "--set", f"data.root={run / 'train'}"]) == 0
     capsys.readouterr()
     assert main(["predict", "--onnx", str(onnx_path), str(run / "test" / "red"), str(run / "ood" / "broken.png")]) == 1
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -40,23 +40,68 @@ def trained_like(**kwargs):
     return model
 
 
-def expected_outputs(model, images: torch.Tensor, alpha: float) -> dict[str, np.ndarray]:
-    """The classifier's outputs through open_clip's own `encode_image` on the reprogrammed canvas."""
-    with torch.no_grad():
-        def encode(perturbation, up_resolution):
-            canvas = kernels.reprogram_image(images, perturbation, up_resolution=up_resolution,
-                                             mean=model.mean, std=model.std)
-            return F.normalize(model.clip.encode_image(canvas), dim=-1)
+def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (PyTorch's and ONNX Resize's `a = -0.75`)."""
+    x = np.abs(x)
+    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, a * x ** 3 - 5 * a * x * x + 8 * a * x - 4 * a, 0.0))
 
-        zero_shot = encode(torch.zeros(3, CANVAS, CANVAS), CANVAS)
+
+def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """`[out, in]` weights of a half-pixel bicubic resize whose taps are clamped to the border."""
+    matrix = np.zeros((size_out, size_in))
+    for out in range(size_out):
+        source = (out + 0.5) * size_in / size_out - 0.5
+        base = np.floor(source)
+        for tap in range(-1, 3):
+            matrix[out, int(np.clip(base + tap, 0, size_in - 1))] += _cubic(source - (base + tap))
+    return matrix
+
+
+def reprogrammed_canvas(model, images: np.ndarray, perturbation: np.ndarray, up_resolution: int) -> np.ndarray:
+    """docs/method.md section 1 in float64 numpy: bicubic resize to `up_resolution`, centre on a zero
+    canvas, add the perturbation, clamp to [0, 1], normalise."""
+    h, w = images.shape[-2:]
+    resized = _bicubic_matrix(h, up_resolution) @ images @ _bicubic_matrix(w, up_resolution).T
+    canvas = np.zeros(images.shape[:2] + (CANVAS, CANVAS))
+    offset = (CANVAS - up_resolution) // 2
+    canvas[..., offset:offset + up_resolution, offset:offset + up_resolution] = resized
+    mean, std = (np.array(v, dtype=np.float64).reshape(1, 3, 1, 1) for v in (model.mean, model.std))
+    return (np.clip(canvas + perturbation, 0, 1) - mean) / std
+
+
+def border_perturbation(model) -> np.ndarray:
+    """`tanh(W * M)`, M ones but for the centred `mr x mr` square (eval mode: no dropout)."""
+    mask = np.ones((3, CANVAS, CANVAS))
+    start = (CANVAS - model.mr_resolution) // 2
+    mask[:, start:start + model.mr_resolution, start:start + model.mr_resolution] = 0
+    return np.tanh(model.image_delta.detach().double().numpy() * mask)
+
+
+def expected_outputs(model, images: torch.Tensor, alpha: float) -> dict[str, np.ndarray]:
+    """The classifier's outputs from an independent float64 numpy reprogramming of the images, fed to
+    open_clip's own `encode_image` (the exported graph uses the toolkit's kernels instead)."""
+    pixels = images.double().numpy()
+    with torch.no_grad():
+        def encode(canvas):
+            return F.normalize(model.clip.encode_image(torch.tensor(canvas, dtype=torch.float32)), dim=-1)
+
+        zero_shot = encode(reprogrammed_canvas(model, pixels, 0.0, CANVAS))
         reprogrammed = zero_shot if model.image_delta is None else \
-            encode(torch.tanh(model.image_delta * model.mask), model.up_resolution)
+            encode(reprogrammed_canvas(model, pixels, border_perturbation(model), model.up_resolution))
         image = (1 - alpha) * reprogrammed + alpha * zero_shot
         text = (1 - alpha) * model.encode_text() + alpha * model.zs_text_features
         cos = image @ text.T
         logits = model.clip.logit_scale.exp() * cos
         return {"logits": logits.numpy(), "probabilities": logits.softmax(-1).numpy(),
                 "ood_score": (cos / 0.01).softmax(-1).amax(-1).numpy(), "prediction": logits.argmax(-1).numpy()}
+
+
+def test_the_numpy_oracle_is_torchs_bicubic():
+    images = torch.rand(2, 3, 13, 9, generator=torch.Generator().manual_seed(1))
+    expected = F.interpolate(images.double(), size=(20, 20), mode="bicubic", align_corners=False)
+    resized = _bicubic_matrix(13, 20) @ images.double().numpy() @ _bicubic_matrix(9, 20).T
+    np.testing.assert_allclose(resized, expected.numpy(), rtol=0, atol=1e-12)
 
 
 def assert_matches(got: dict, expected: dict, atol: float) -> None:

@@ -61,13 +61,38 @@ def test_learned_state_round_trip_and_mismatch_errors():
     del images
 
 
+def _open_clip_image_features(model, images):
+    """open_clip's own image path: bicubic resize to the canvas, clamp, normalise, `encode_image`."""
+    resized = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.mean, model.std))
+    return model.clip.encode_image((resized - mean) / std)
+
+
 def test_image_only_and_text_only_variants_freeze_the_other_side():
+    images = torch.rand(2, 3, 13, 11)
     text_only = tiny_reprogrammer(image=False)
     assert text_only.image_delta is None
-    images = torch.rand(2, 3, 13, 11)
-    torch.testing.assert_close(text_only.image_features(images), text_only.zero_shot_image_features(images))
     image_only = tiny_reprogrammer(text=False)
-    assert not image_only.token_rows.requires_grad and image_only.image_delta.requires_grad
+    assert not image_only.token_rows.requires_grad and not image_only.text_positional.requires_grad
+    assert image_only.image_delta.requires_grad
+    for model in (text_only, image_only):  # one training step with everything that can learn
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        model(images).logsumexp(-1).sum().backward()
+        optimizer.step()
+        model.eval()
+    with torch.no_grad():
+        # The frozen side is open_clip's zero-shot model, computed along open_clip's own code path.
+        torch.testing.assert_close(text_only.image_features(images), _open_clip_image_features(text_only, images),
+                                   rtol=1e-5, atol=1e-5)
+        zero_shot_text = image_only.clip.encode_text(image_only.prompt_tokens, normalize=True)
+        torch.testing.assert_close(image_only.encode_text(), zero_shot_text, rtol=1e-5, atol=1e-6)
+        # ... while the learning side moved away from it.
+        assert not torch.allclose(text_only.encode_text(),
+                                  text_only.clip.encode_text(text_only.prompt_tokens, normalize=True), atol=1e-4)
+        assert not torch.allclose(image_only.image_features(images), _open_clip_image_features(image_only, images),
+                                  atol=1e-4)
 
 
 @pytest.mark.parametrize("images, match", [

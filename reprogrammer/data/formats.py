@@ -7,6 +7,7 @@ import csv
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,12 +31,37 @@ def require_file(path: Path) -> Path:
     return path
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays, nothing else.
+
+    A pickle can call any importable function; a dataset file may come from anywhere. The CIFAR
+    batches hold only dicts, lists, strings, bytes, ints and one uint8 array, so every global
+    but numpy's array and dtype reconstructors is refused (those build arrays, call nothing
+    else, and their contents go through this same filter), and `_codecs.encode`, with which
+    pickle protocol 2 spells Python 3 bytes.
+    """
+    ALLOWED = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")})
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never does "
+                                         "(refused: unpickling it could run code)")
+        with warnings.catch_warnings():  # numpy 2 warns on its numpy.core alias, which old pickles name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds persistent ids, which a CIFAR batch never does")
+
+
 def _load_pickle(path: Path) -> dict:
     # The CIFAR pickles were written by Python 2: latin1 recovers their byte strings; keys may
     # come back as bytes or str depending on how the file was written.
     with open(require_file(path), "rb") as f:
         try:
-            content = pickle.load(f, encoding="latin1")
+            content = _CifarUnpickler(f, encoding="latin1").load()
         except Exception as error:  # noqa: BLE001 - any unpickling failure means "not this format"
             raise DatasetLayoutError(f"{path} is not a CIFAR python pickle ({type(error).__name__}: {error})")
     if not isinstance(content, dict):

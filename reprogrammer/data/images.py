@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..pixels import open_rgb
+
 log = logging.getLogger(__name__)
 
 
@@ -142,8 +144,7 @@ class FileImageDataset(ImageDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedSample:
         path = self.path(index)
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
+            image = open_rgb(path)
         # Decoders raise OSError, SyntaxError, ValueError, EOFError, zlib errors...: any failure to
         # decode one file is that file's problem; the skip limit still stops systematic failures.
         except Exception as error:  # noqa: BLE001
@@ -175,6 +176,19 @@ def base_dataset(dataset: Dataset) -> ImageDataset:
     if not isinstance(dataset, ImageDataset):
         raise TypeError(f"ImageLoader needs an ImageDataset (or a Subset of one), got {type(dataset).__name__}")
     return dataset
+
+
+def first_image_size(dataset: Dataset) -> int:
+    """The side of the first readable image of `dataset`; unreadable ones on the way are recorded
+    (and fatal past the dataset's `max_skipped_fraction`)."""
+    owner = base_dataset(dataset)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if not isinstance(sample, SkippedSample):
+            return int(sample[0].shape[-1])
+        owner.record_skipped([sample])
+    raise TooManySkippedError(f"{owner.name}: none of its {len(dataset)} samples is readable; check the files "
+                              "or the dataset root")
 
 
 class ImageLoader:

@@ -68,10 +68,13 @@ def _folder_samples(directory: Path, folders: Sequence[str], labels: Sequence[in
     paths, sample_labels = [], []
     for folder, label in zip(folders, labels):
         files = list_image_files(directory / folder)
+        if not files:  # a class with no images would still take a place among the classes
+            raise DatasetLayoutError(f"class folder {directory / folder} holds no image files; add images or "
+                                     "remove (or hide, with a leading '.') the folder")
         paths += files
         sample_labels += [label] * len(files)
     if not paths:
-        raise DatasetLayoutError(f"no image files in the class folders of {directory}")
+        raise DatasetLayoutError(f"no class folders in {directory}")
     return paths, np.asarray(sample_labels, dtype=np.int64)
 
 

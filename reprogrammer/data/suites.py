@@ -62,7 +62,8 @@ def build_train_data(cfg: Config) -> TrainData:
                          _array_set("shapeworld-val", *bench["val"], names), names)
     splits = DATASETS[data.dataset].splits if data.dataset in DATASETS else ("train",)
     train = build_dataset(data.dataset, _root(data.root, data.dataset), "train" if "train" in splits else splits[0],
-                          image_resolution=data.image_resolution, classnames=data.classnames_file)
+                          image_resolution=data.image_resolution, classnames=data.classnames_file,
+                          max_skipped_fraction=data.max_skipped_fraction)
     size = {"val_fraction": data.val_size} if data.val_size < 1 else {"val_size": int(data.val_size)}
     train_idx, val_idx = split_indices(len(train), seed=cfg.train.seed, **size)
     return TrainData(Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist()), train.classnames)

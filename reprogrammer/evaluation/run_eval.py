@@ -79,16 +79,29 @@ def finish_report(results: dict, extras: dict, out_dir, *, title: str, notes: st
     return report
 
 
+def check_classes(sets, trained: list) -> None:
+    """Accuracy on a labelled set is only meaningful with the classes the checkpoint was trained on."""
+    labelled = {"test": sets.test, **sets.covariate}
+    for name, dataset in labelled.items():
+        classnames = list(getattr(dataset, "classnames", sets.classnames))
+        if classnames != list(trained):
+            raise ValueError(f"eval set {name!r} has the classes {_first(classnames)}, the checkpoint was trained on "
+                             f"{_first(trained)}: evaluate on a set with the training classes (eval.test, "
+                             "data.classnames_file)")
+
+
+def _first(names, count: int = 5) -> str:
+    return str(list(names)[:count]) + ("..." if len(names) > count else "")
+
+
 def run_eval(run_dir, out_dir, *, which="best", config_path=None, overrides=(), progress=True) -> dict:
-    from ..config import load_config
     from ..data.suites import build_eval_sets
-    from ..training.restore import load_run
+    from ..training.restore import load_run, with_user_data_paths
 
     classifier, cfg, meta = load_run(run_dir, which)
-    if config_path or overrides:
-        extra = load_config(config_path, tuple(overrides))
-        cfg.eval, cfg.data.root = extra.eval, extra.data.root or cfg.data.root
+    cfg = with_user_data_paths(cfg, run_dir, config_path, overrides)
     sets = build_eval_sets(cfg)
+    check_classes(sets, meta["classnames"])
     options = eval_options(cfg, progress=progress)
     classifier.to(options.device)
     results, extras = evaluate_method(classifier, meta["method"], cfg, sets, options)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..classnames import checked_classnames
 from ..constants import MCM_TEMPERATURE
 from ..state import load_checked
 from ..towers import encode_text_embeddings, text_tower
@@ -22,8 +23,7 @@ def context_prompts(tokenizer, classnames, n_ctx: int) -> tuple[torch.Tensor, in
     """`(tokens [C, L], start)`: CoOp prompts with the placeholders at positions `start .. start + n_ctx - 1`."""
     if n_ctx < 1:
         raise ValueError(f"n_ctx={n_ctx} must be at least 1 context vector")
-    if not classnames:
-        raise ValueError("classnames is empty: a classifier needs at least one class")
+    classnames = checked_classnames(classnames)
     prompts = [" ".join(["X"] * n_ctx) + f" {name}." for name in classnames]
     tokens = tokenizer(prompts)
     context_length = tokens.shape[1]

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..classnames import checked_classnames
 from ..clip import image_normalisation
 from ..towers import check_pixel_range
 
@@ -65,8 +66,7 @@ class ImageTower(nn.Module):
 @torch.no_grad()
 def zero_shot_text_features(clip, tokenizer, classnames: Sequence[str], template: str) -> torch.Tensor:
     """L2-normalised text features `[C, D]` of one prompt per class, from the frozen text tower."""
-    if not classnames:
-        raise ValueError("classnames is empty: a classifier needs at least one class")
+    classnames = checked_classnames(classnames)
     if "{}" not in template:
         raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
     device = clip.logit_scale.device

@@ -7,7 +7,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.8, g
                eps: float = 1e-7) -> torch.Tensor:
     """`mean_b sum_c (onehot_c + eps) * (-alpha * (1 - p_c)^gamma * log p_c)`, `p = softmax(logits)`.
 
-    The `eps` term keeps every class in the sum, as the authors' implementation does.
+    The `eps` term keeps every class in the sum, as the authors' implementation does. Classes lie
+    on the last dimension of `logits`; the mean runs over all the others (`target` has their shape).
     """
     log_p = F.log_softmax(logits.float(), dim=-1)
     onehot = F.one_hot(target, logits.shape[-1]).to(log_p.dtype)

@@ -53,7 +53,7 @@ def run_demo(out_dir, *, quick: bool = False, progress: bool = True, pretrain_co
         run_dir = out / "runs" / method
         # Each run and each reload gets its own copy: fine-tuning changes the CLIP in place, and
         # WiSE-FT's zero-shot endpoint must be the pretrained weights.
-        train(method_cfg, run_dir, data, clip=(copy.deepcopy(clip), tokenizer), progress=progress)
+        train(method_cfg, run_dir, data, clip=(copy.deepcopy(clip), tokenizer), overwrite=True, progress=progress)
         classifier, run_cfg, meta = load_run(run_dir, "best", clip=(copy.deepcopy(clip), tokenizer))
         method_results, method_extras = evaluate_method(classifier, method, run_cfg, sets, options)
         results.update(method_results)

@@ -20,13 +20,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_dict
-from ..data.images import base_dataset, collate_images
+from ..data.images import base_dataset, collate_images, first_image_size
 from ..data.suites import TrainData
 from ..files import write_json_atomically
 from ..methods import TrainingObjective, build_method
 from ..runtime import autocast, resolve_device, to_float_images
 from . import checkpoint as ckpt
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
+from .rundir import RunDirectory
 from .telemetry import GpuTelemetry
 from .tracking import learning_rates, start_tracking
 
@@ -45,11 +46,18 @@ class TrainingDiverged(RuntimeError):
 
 @torch.no_grad()
 def evaluate_accuracy(classifier, dataset, batch_size: int, device, precision: str, info: DistInfo) -> float:
-    """Top-1 accuracy on `dataset`, each rank scoring its own shard."""
+    """Top-1 accuracy on `dataset`, each rank scoring its own shard.
+
+    Side-effect free on the random state: a DataLoader draws its base seed when iterated, from
+    the global RNG unless it has a generator of its own, and the checkpoint saves the global RNG
+    that training's dropout masks come from.
+    """
     classifier.eval()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     counts = torch.zeros(2, dtype=torch.float64, device=device)
-    for images, labels, _ in DataLoader(shard, batch_size=batch_size, num_workers=0, collate_fn=collate_images):
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=0, collate_fn=collate_images,
+                        generator=torch.Generator().manual_seed(0))
+    for images, labels, _ in loader:
         with autocast(device, precision):
             logits = classifier(to_float_images(images, device))
         counts[0] += (logits.argmax(-1).cpu() == labels).sum().item()
@@ -85,20 +93,23 @@ def _memory_mb(device) -> Optional[float]:
     return None
 
 
-def train(cfg: Config, run_dir, data: TrainData, *, clip, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, run_dir, data: TrainData, *, clip, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
     """Train `cfg.method` on `data` from `clip = (model, tokenizer)` (see `training.restore.clip_from_config`);
-    returns the summary also written to `RUN_DIR/summary.json`."""
+    returns the summary also written to `RUN_DIR/summary.json`. A run directory that already holds a
+    run needs `resume` (continue it) or `overwrite` (replace it); one training at a time holds it."""
     run_dir = Path(run_dir)
     tcfg = cfg.train
     info = init_distributed("cuda" if tcfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     device = resolve_device(tcfg.device, info.local_rank)
     try:
-        return _train(cfg, run_dir, data, resume, clip, progress, info, device)
+        with RunDirectory(run_dir, resume=resume, overwrite=overwrite, owner=info.is_main) as run:
+            return _train(cfg, run_dir, data, resume, clip, progress, info, device, run)
     finally:
         shutdown(info)
 
 
-def _train(cfg, run_dir, data, resume, clip, progress, info, device):
+def _train(cfg, run_dir, data, resume, clip, progress, info, device, run):
     tcfg = cfg.train
     if tcfg.batch_size % (info.world_size * tcfg.grad_accum):
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by world size {info.world_size} "
@@ -129,7 +140,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
 
     meta = {"config": to_dict(cfg), "classnames": list(data.classnames), "method": cfg.method.name,
             "model": {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
-            "image_resolution": int(data.train[0][0].shape[-1])}
+            "image_resolution": first_image_size(data.train)}
     state = {"step": 0, "best_val": -1.0, "best_step": None, "evaluations": [], "skipped_steps": 0}
     if resume:
         state = _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state)
@@ -138,7 +149,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
     loader_kwargs = dict(batch_size=micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
                          pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_images)
     save_every = tcfg.save_every or steps_per_epoch
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.start()
     tracker = start_tracking(cfg, run_dir, optimizers, main=info.is_main)
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.method.name}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)
@@ -198,10 +209,11 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device):
                     tracker.log_train(state["step"], epoch=epoch, loss=mean_loss, lr=learning_rates(optimizers),
                                       images_per_s=rate, grad_scale=scaler.get_scale() if scaler.is_enabled() else None,
                                       skipped_steps=state["skipped_steps"], max_memory_mb=_memory_mb(device))
-                if state["step"] % save_every == 0 or last or stopping:
+                scheduled = state["step"] % save_every == 0 or last
+                if scheduled or stopping:
                     _check_finite(loss_sum, state, tcfg, info, run_dir)
                     _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta,
-                                       optimizers, schedulers, scaler)
+                                       optimizers, schedulers, scaler, interrupt=not scheduled)
                     if state["evaluations"] and state["evaluations"][-1]["step"] == state["step"]:
                         tracker.log_validation(state["step"], accuracy=state["evaluations"][-1]["val_accuracy"])
                 if stopping:
@@ -238,15 +250,21 @@ def _check_finite(loss_sum, state, tcfg, info, run_dir) -> float:
     """The loss summed since the last log, over ranks; raises on NaN/inf in fp32 (before any save)."""
     value = all_reduce_sum(loss_sum.clone(), info).item() / info.world_size
     if not math.isfinite(value) and tcfg.precision == "fp32":
-        raise TrainingDiverged(
-            f"loss became {value} by step {state['step']} in fp32; stopped without saving. The last good "
-            f"checkpoint is in {run_dir / 'checkpoints'} (latest.json); lower the learning rate and --resume")
+        last = ckpt.latest_name(run_dir)
+        advice = (f"--resume continues from the last checkpoint, {last}, written before it" if last else
+                  "no checkpoint was written before it: train again (--overwrite)")
+        raise TrainingDiverged(f"loss became {value} by step {state['step']} in fp32; stopped without saving. "
+                               f"Lower the learning rate; {advice}")
     return value
 
 
-def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta, optimizers, schedulers, scaler):
+def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta, optimizers, schedulers, scaler,
+                       interrupt=False):
+    """A scheduled checkpoint is scored on the validation split and may become `best`; an interrupt
+    checkpoint (a stop between scheduled saves) is neither, so a stopped and resumed run selects
+    the same `best` as an uninterrupted one."""
     val_accuracy = None
-    if data.val is not None and len(data.val):
+    if not interrupt and data.val is not None and len(data.val):
         val_accuracy = evaluate_accuracy(classifier, data.val, cfg.train.batch_size, device, cfg.train.precision, info)
         state["evaluations"].append({"step": state["step"], "val_accuracy": val_accuracy})
     best = val_accuracy is not None and val_accuracy > state["best_val"]
@@ -254,8 +272,9 @@ def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta
         state["best_val"], state["best_step"] = val_accuracy, state["step"]
     if info.is_main:
         ckpt.save_checkpoint(run_dir, state["step"], classifier, optimizers, schedulers,
-                             dict(meta, val_accuracy=val_accuracy, engine_state=state), scaler=scaler,
-                             best=best or state["best_step"] is None, keep=cfg.train.keep_checkpoints)
+                             dict(meta, val_accuracy=val_accuracy, interrupt=interrupt, engine_state=state),
+                             scaler=scaler, best=best or (state["best_step"] is None and not interrupt),
+                             keep=cfg.train.keep_checkpoints)
 
 
 def _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state):
@@ -266,7 +285,7 @@ def _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state):
                                    f"this run is {meta['method']} on {meta['model']}")
     if saved["classnames"] != meta["classnames"]:
         raise ckpt.CheckpointError(f"{path} was trained on other classes; resume needs the same dataset")
-    classifier.load_learned_state(ckpt.load_learned(path))
+    classifier.load_learned_state(ckpt.load_learned(path, saved))
     ckpt.restore_training(path, saved, optimizers, schedulers, scaler)
     log.info("resumed from %s (step %d)", path, saved["step"])
     return dict(saved["engine_state"])

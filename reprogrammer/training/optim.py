@@ -17,7 +17,7 @@ def check_schedule(warmup: int, total: int) -> None:
     if warmup >= total:
         raise ValueError(
             f"warm-up ({warmup} steps) is not shorter than training ({total} steps); lower "
-            "optim.warmup_steps or train longer"
+            "method.warmup_steps or train longer"
         )
 
 

@@ -110,7 +110,9 @@ def test_the_wheel_installs_one_import_name_with_optional_extras(wheel):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"reprogrammer"}
     assert {"reprogrammer/kernels/reprogram_patch_embed.py", "reprogrammer/export/predict.py",
-            "reprogrammer/py.typed", "reprogrammer/presets/default.yaml"} <= set(names)
+            "reprogrammer/py.typed", "reprogrammer/presets/default.yaml",
+            "reprogrammer/shapeworld/weights/RP-ViT-Small.safetensors",
+            "reprogrammer/shapeworld/weights/RP-ViT-Small.json"} <= set(names)
     assert not any(n.startswith(("bench/", "tests/")) for n in names)
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]

@@ -3,8 +3,9 @@
 CLIP weights cannot be downloaded everywhere, so `pretrained: shapeworld` stands in for a
 web-scale checkpoint: a randomly initialised open_clip model is trained with the CLIP objective
 (symmetric cross-entropy over the batch) at a scheduled logit scale that ends at 100 on
-`shapeworld.pretraining_pairs`, once, and cached under the user's cache directory keyed by
-everything that determines the weights.
+`shapeworld.pretraining_pairs`. The package ships RP-ViT-Small pretrained this way
+(`shipped.py`); other configs and architectures are pretrained once and cached under the user's
+cache directory keyed by everything that determines the weights.
 """
 import contextlib
 import dataclasses

@@ -12,7 +12,7 @@ from reprogrammer.cli import main
 from reprogrammer.shapeworld import shipped
 from reprogrammer.shapeworld.pretrain import PretrainConfig
 
-from .test_pretrain import MICRO, micro_models  # noqa: F401 - the fixture registers PT-Micro
+from .test_pretrain import micro_models  # noqa: F401 - the fixture registers the PT-Micro model config
 
 NAME = "RP-ViT-Small"
 TINY = ["n_pairs=300", "steps=6", "batch_size=32", "warmup_steps=2", "n_eval=20", "resolutions=24"]

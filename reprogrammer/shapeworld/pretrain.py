@@ -286,7 +286,7 @@ def _paths(cfg: PretrainConfig) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -316,7 +316,7 @@ def _load_cached(name: str, weights_path: Path, report_path: Path, device):
     if not report_path.exists():
         return None
     report = json.loads(report_path.read_text())
-    if report.get("weights_sha256") != _sha256(weights_path):
+    if report.get("weights_sha256") != file_sha256(weights_path):
         raise ValueError("the weights do not match the checksum in the report")
     return load_clip(name, str(weights_path), device=device)
 
@@ -341,7 +341,7 @@ def load_shapeworld_clip(name: str = "RP-ViT-Small", device="cpu", *, config: Op
 
     def write_weights(temp: Path):
         save_clip(model, temp)
-        report["weights_sha256"] = _sha256(temp)
+        report["weights_sha256"] = file_sha256(temp)
 
     write_atomically(weights_path, write_weights)
     write_atomically(report_path, lambda temp: temp.write_text(json.dumps(report, indent=1)))

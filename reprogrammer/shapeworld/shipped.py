@@ -7,7 +7,6 @@ they reach (the full table and a small sample the tests recompute). The built-in
 them directly; a model without shipped weights is pretrained and cached on first use.
 """
 import dataclasses
-import hashlib
 import json
 import platform
 from pathlib import Path
@@ -21,16 +20,20 @@ from safetensors.torch import save_file
 from ..clip import load_clip
 from ..files import write_atomically, write_json_atomically
 from . import world as shapeworld
-from .pretrain import PretrainConfig, evaluate_zero_shot, load_shapeworld_clip, pretrain_shapeworld, zero_shot_accuracy
+from .pretrain import (
+    PretrainConfig,
+    cached_report,
+    evaluate_zero_shot,
+    file_sha256,
+    load_shapeworld_clip,
+    pretrain_shapeworld,
+    zero_shot_accuracy,
+)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: The record's small zero-shot sample: this many test images per set of the config's world,
 #: few enough for a test to recompute in seconds.
 SAMPLE_SIZE = 200
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def shipped_record(name: str) -> Optional[dict]:
@@ -50,7 +53,7 @@ def load_shipped_clip(name: str, device="cpu"):
     if record is None:
         raise FileNotFoundError(f"no shipped weights for {name} in {WEIGHTS_DIR}")
     path = WEIGHTS_DIR / f"{name}.safetensors"
-    if not path.is_file() or _sha256(path) != record["weights_sha256"]:
+    if not path.is_file() or file_sha256(path) != record["weights_sha256"]:
         raise ValueError(f"the shipped weights {path} are missing or do not match their recorded SHA-256; "
                          "reinstall the package (or rebuild them with `reprogrammer pretrain`)")
     return load_clip(name, str(path), device=device)
@@ -62,8 +65,6 @@ def builtin_clip(name: str, device="cpu", *, config: Optional[PretrainConfig] = 
     record = shipped_record(name) if config is None else None
     if record is not None:
         return (*load_shipped_clip(name, device), record)
-    from .pretrain import cached_report
-
     model, tokenizer = load_shapeworld_clip(name, device, config=config, progress=progress)
     return model, tokenizer, cached_report(name, config=config)
 
@@ -136,7 +137,7 @@ def run_pretrain(out_dir, *, model: str = "RP-ViT-Small", overrides=(), threads:
         "threads": report["threads"],
         "command": " ".join(["reprogrammer pretrain", f"--out {out_dir}", f"--model {model}",
                              f"--threads {report['threads']}", *(f"--set {o}" for o in overrides)]),
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

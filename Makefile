@@ -15,8 +15,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
+# One thread unless told otherwise: the built-in models are small, and on a shared machine two
+# threads that wait on each other ran the demo several times slower than one.
 demo: $(BIN)/.installed
-	$(BIN)/reprogrammer demo --out $(OUT)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/reprogrammer demo --out $(OUT)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests

@@ -1,4 +1,4 @@
-"""`reprogrammer` command line: train, eval, export, predict, config, demo, bench."""
+"""`reprogrammer` command line: train, eval, export, predict, config, demo, pretrain, bench."""
 import argparse
 import importlib
 import logging
@@ -82,7 +82,18 @@ def _config_list(args) -> int:
 def _demo(args) -> int:
     from .shapeworld.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, seeds=args.seeds)
+    return 0
+
+
+def _pretrain(args) -> int:
+    from .shapeworld.shipped import run_pretrain
+
+    record = run_pretrain(args.out, model=args.model, overrides=args.set, threads=args.threads)
+    print(f"wrote {args.out}/{args.model}.safetensors (SHA-256 {record['weights_sha256']}); zero-shot accuracy "
+          + ", ".join(f"{k} {100 * v:.1f}%" for k, v in record["zero_shot_accuracy"].items()))
+    if record.get("shipped_sha256") == record["weights_sha256"]:
+        print("bit for bit the shipped weights")
     return 0
 
 
@@ -158,7 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the built-in default: the paper's comparison on the shape world, offline")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    demo.add_argument("--seeds", type=int, default=1, help="replicates with seeds 1..N, reported as mean and spread")
     demo.set_defaults(func=_demo)
+
+    pt = sub.add_parser("pretrain", help="pretrain the built-in shape-world CLIP (by default: reproduce the shipped "
+                                         "weights and check their hash)")
+    pt.add_argument("--out", required=True, help="folder for MODEL.safetensors (fp16) and MODEL.json")
+    pt.add_argument("--model", default="RP-ViT-Small", help="built-in architecture")
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change the pretraining config (e.g. steps=20000); the hash is then not checked")
+    pt.add_argument("--threads", type=int, help="CPU threads (default: the shipped run's; the bits depend on it)")
+    pt.set_defaults(func=_pretrain)
 
     bench = sub.add_parser("bench", help="benchmarks: kernels, train, or compile (offline sm_90a report)")
     bench.add_argument("what", choices=["kernels", "train", "compile"])

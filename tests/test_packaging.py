@@ -129,7 +129,9 @@ def test_the_wheel_installs_one_import_name_with_optional_extras(wheel):
     assert tops == {"reprogrammer"}
     assert {"reprogrammer/kernels/reprogram_patch_embed.py", "reprogrammer/export/predict.py",
             "reprogrammer/py.typed", "reprogrammer/presets/default.yaml",
-            "reprogrammer/model_configs/RP-ViT-Tiny.json"} <= set(names)
+            "reprogrammer/model_configs/RP-ViT-Tiny.json",
+            "reprogrammer/shapeworld/weights/RP-ViT-Small.safetensors",
+            "reprogrammer/shapeworld/weights/RP-ViT-Small.json"} <= set(names)
     assert not any(n.startswith(("bench/", "tests/")) for n in names)
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]

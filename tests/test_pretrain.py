@@ -32,8 +32,9 @@ def micro_models(tmp_path_factory):
     open_clip.add_model_config(folder)
 
 
+# A mild final logit scale: a one-layer model cannot yet earn the confidence of 100 in 100 steps.
 CFG = pretrain.PretrainConfig(model="PT-Micro", n_pairs=601, steps=100, batch_size=32, lr=2e-3, warmup_steps=10,
-                              n_eval=37)
+                              n_eval=37, logit_scale=20.0)
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,26 @@ def test_short_pretraining_lowers_the_loss_and_reports(trained):
     _, _, report = trained
     losses = report["losses"]
     assert len(losses) == report["steps"] == CFG.steps
-    # log(batch) is the loss of features that carry no information about which caption is whose
-    assert np.mean(losses[-10:]) < np.log(CFG.batch_size) - 0.3 < losses[0], losses
+    # log(batch) is the loss of features that carry no information about which caption is whose.
+    # Identical captions in a batch (a quarter are bare class prompts over 24 shapes) keep the
+    # loss of even a perfect model well above 0, so 100 steps get only part of the way down.
+    assert np.mean(losses[-10:]) < np.log(CFG.batch_size) - 0.1 < losses[0], losses
     assert report["final_loss"] == pytest.approx(np.mean(losses[-5:]), abs=1e-3)
     assert set(report["zero_shot_accuracy"]) == {"id", *shapeworld.COVARIATE_DOMAINS}
     assert all(0 <= v <= 1 for v in report["zero_shot_accuracy"].values())
     assert report["config"] == dataclasses.asdict(CFG)
     assert report["seconds"] >= report["train_seconds"] > 0
+    assert trained[0].logit_scale.exp().item() == pytest.approx(CFG.logit_scale)
+    assert not trained[0].logit_scale.requires_grad
+
+
+def test_logit_scale_rises_from_clips_initial_value_to_the_configured_one_at_half_the_steps():
+    cfg = dataclasses.replace(CFG, steps=10, logit_scale=100.0)
+    scales = [pretrain.logit_scale_at(step, cfg) for step in range(10)]
+    assert scales[0] == pytest.approx(1 / 0.07)
+    assert scales[2] == pytest.approx(np.exp(np.log(1 / 0.07) + 0.4 * np.log(100 * 0.07)))  # 2/5 of the log range
+    assert scales[5:] == pytest.approx([100.0] * 5)
+    assert all(a < b for a, b in zip(scales[:6], scales[1:6]))
 
 
 def test_pretraining_is_deterministic_and_leaves_global_state_alone(trained):
@@ -131,7 +145,7 @@ def test_tokens_match_the_tokenizer_caption_by_caption():
 
 
 @pytest.mark.parametrize("change", [{"steps": 0}, {"n_pairs": 0}, {"batch_size": 0}, {"resolutions": ()},
-                                    {"lr": 0.0}, {"weight_decay": -0.1}])
+                                    {"lr": 0.0}, {"weight_decay": -0.1}, {"logit_scale": 0.0}])
 def test_bad_configs_are_refused(change):
     with pytest.raises(ValueError):
         dataclasses.replace(CFG, **change)

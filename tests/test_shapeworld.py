@@ -305,3 +305,17 @@ def test_render_speed_report():
     elapsed = time.perf_counter() - start
     print(f"\nshapeworld: 20000 images of 32x32 in {elapsed:.2f} s")
     assert images.shape == (20000, 3, 32, 32)
+
+
+@pytest.mark.parametrize("domain", ["sketch", "corrupted"])
+def test_outlined_and_blurred_shapes_are_also_captioned_with_the_class_prompt(domain):
+    # This pairing is what teaches the zero-shot prompt "a photo of a {shape}" the shifted domains.
+    rng = np.random.default_rng(4)
+    scene = sw._draw_scene(np.arange(400) % len(sw.SHAPE_NAMES), sw.DOMAINS[domain], rng)
+    assert scene.outlined.all() if domain == "sketch" else scene.corrupted.all()
+    captions = sw._varied_captions(scene, rng)
+    bare = np.mean([c == f"a photo of {sw._a(sw.SHAPE_NAMES[s])}" for c, s in zip(captions, scene.shape)])
+    assert abs(bare - sw.BARE_PROMPT_FRACTION) < 0.07, bare
+    if domain == "sketch":
+        assert any(c.startswith("a sketch of a") for c in captions)
+        assert any(c.startswith("a drawing of a") for c in captions)

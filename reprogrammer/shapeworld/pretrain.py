@@ -2,9 +2,10 @@
 
 CLIP weights cannot be downloaded everywhere, so `pretrained: shapeworld` stands in for a
 web-scale checkpoint: a randomly initialised open_clip model is trained with the CLIP objective
-(symmetric cross-entropy over the batch, learnable temperature clamped at 100) on
-`shapeworld.pretraining_pairs`, once, and cached under the user's cache directory keyed by
-everything that determines the weights.
+(symmetric cross-entropy over the batch) at a scheduled logit scale that ends at 100 on
+`shapeworld.pretraining_pairs`. The package ships RP-ViT-Small pretrained this way
+(`shipped.py`); other configs and architectures are pretrained once and cached under the user's
+cache directory keyed by everything that determines the weights.
 """
 import contextlib
 import dataclasses
@@ -32,7 +33,6 @@ from ..methods.features import ImageTower, canvas_size, zero_shot_text_features
 from ..training.optim import scheduled
 from . import world as shapeworld
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp on the learned temperature
 MAX_THREADS = 8  # a model this small stops scaling beyond a few cores
 
 
@@ -49,6 +49,12 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 60
     weight_decay: float = 0.1
+    #: the logit scale the training ends at, not learned: at 100 (= 1 / the MCM temperature 0.01)
+    #: the softmax MCM takes over the class prompts is the one the model was trained with, so its
+    #: scores are calibrated rather than saturated. It rises from CLIP's initial 1 / 0.07 over the
+    #: first half of training: a one-layer model held at 100 from the first step collapsed to
+    #: constant features (its loss stuck at log(batch size)).
+    logit_scale: float = 100.0
     seed: int = 0
     #: the report's zero-shot evaluation: downstream images at this resolution, this many per set.
     eval_resolution: int = 24
@@ -61,6 +67,8 @@ class PretrainConfig:
             raise ValueError(f"pretraining sizes must be >= 1, got {bad}")
         if not self.resolutions:
             raise ValueError("resolutions is empty: give at least one rendering resolution, e.g. (32,)")
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
 
@@ -123,9 +131,9 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _available_cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, MAX_THREADS))
+def _default_threads() -> int:
+    """torch's thread count (one per core unless OMP_NUM_THREADS says otherwise), up to `MAX_THREADS`."""
+    return max(1, min(torch.get_num_threads(), MAX_THREADS))
 
 
 @torch.no_grad()
@@ -153,19 +161,24 @@ def evaluate_zero_shot(model, tokenizer, cfg: PretrainConfig) -> dict[str, float
     return {name: zero_shot_accuracy(model, tokenizer, bench["classnames"], *data) for name, data in sets.items()}
 
 
-def pretrain_shapeworld(cfg: PretrainConfig = PretrainConfig(), progress: bool = True):
+def pretrain_shapeworld(cfg: PretrainConfig = PretrainConfig(), progress: bool = True,
+                        threads: Optional[int] = None):
     """Train `cfg.model` from random weights with the CLIP loss; returns `(model, tokenizer, report)`.
 
-    fp32 on the CPU, one thread per available core (up to `MAX_THREADS`). Same config and
-    thread count, same weights; the caller's random state is left untouched.
+    fp32 on the CPU, `threads` threads (default: torch's, up to `MAX_THREADS`; on a loaded machine
+    one thread can be many times faster than two that wait on each other).
+    Same config and thread count, same weights; the caller's random state is left untouched.
     """
     started = time.perf_counter()
-    threads = _available_cores()
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    threads = threads or _default_threads()
     with _threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random weights are the point here
             model, tokenizer = load_clip(cfg.model)
+        model.logit_scale.requires_grad_(False)
         images, captions = _pretraining_data(cfg, canvas_size(model.visual))
         tokens = _tokenize(captions, tokenizer, model.context_length)
         train_started = time.perf_counter()
@@ -190,9 +203,18 @@ def pretrain_shapeworld(cfg: PretrainConfig = PretrainConfig(), progress: bool =
     return model, tokenizer, report
 
 
+INITIAL_LOGIT_SCALE = 1 / 0.07  # CLIP's
+
+
+def logit_scale_at(step: int, cfg: PretrainConfig) -> float:
+    """Log-linear from `INITIAL_LOGIT_SCALE` at step 0 to `cfg.logit_scale` at half the steps, then flat."""
+    progress = min(1.0, step / max(1, cfg.steps // 2))
+    return math.exp(math.log(INITIAL_LOGIT_SCALE) + progress * math.log(cfg.logit_scale / INITIAL_LOGIT_SCALE))
+
+
 def _train(model, images: np.ndarray, tokens: torch.Tensor, cfg: PretrainConfig, progress: bool) -> list[float]:
-    """CLIP's recipe: AdamW (betas 0.9/0.98, eps 1e-6), linear warm-up then cosine decay, the
-    temperature clamped after every step. Returns the loss of every step."""
+    """CLIP's recipe: AdamW (betas 0.9/0.98, eps 1e-6), linear warm-up then cosine decay. Returns
+    the loss of every step."""
     size = canvas_size(model.visual)
     mean, std = image_normalisation(model)
     optimizer = torch.optim.AdamW(_parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
@@ -204,7 +226,8 @@ def _train(model, images: np.ndarray, tokens: torch.Tensor, cfg: PretrainConfig,
     model.train()
     with tqdm(total=cfg.steps * cfg.batch_size, unit="img", unit_scale=True, disable=not progress,
               desc=f"pretraining {cfg.model}") as bar:
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
+            model.logit_scale.data.fill_(math.log(logit_scale_at(step, cfg)))
             index = next(batches)
             x = _as_model_input(images[index], size, mean, std)
             loss = loss_fn(*model(x, tokens[index]))
@@ -212,11 +235,10 @@ def _train(model, images: np.ndarray, tokens: torch.Tensor, cfg: PretrainConfig,
             loss.backward()
             optimizer.step()
             schedule.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             losses.append(loss.item())
             bar.update(len(index))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.logit_scale.data.fill_(math.log(cfg.logit_scale))
     return losses
 
 
@@ -264,7 +286,7 @@ def _paths(cfg: PretrainConfig) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -294,7 +316,7 @@ def _load_cached(name: str, weights_path: Path, report_path: Path, device):
     if not report_path.exists():
         return None
     report = json.loads(report_path.read_text())
-    if report.get("weights_sha256") != _sha256(weights_path):
+    if report.get("weights_sha256") != file_sha256(weights_path):
         raise ValueError("the weights do not match the checksum in the report")
     return load_clip(name, str(weights_path), device=device)
 
@@ -319,7 +341,7 @@ def load_shapeworld_clip(name: str = "RP-ViT-Small", device="cpu", *, config: Op
 
     def write_weights(temp: Path):
         save_clip(model, temp)
-        report["weights_sha256"] = _sha256(temp)
+        report["weights_sha256"] = file_sha256(temp)
 
     write_atomically(weights_path, write_weights)
     write_atomically(report_path, lambda temp: temp.write_text(json.dumps(report, indent=1)))

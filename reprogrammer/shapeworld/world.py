@@ -429,7 +429,7 @@ def _describe(scene: _Scene, i: int, with_size=True, with_colour=True, with_back
 
 
 _PREFIXES = ("a photo of", "a picture of", "an image of", "a rendering of", "")
-BARE_PROMPT_FRACTION = 0.25  # share of pretraining captions that are exactly "a photo of a {shape}"
+BARE_PROMPT_FRACTION = 0.25  # share of shape captions that are exactly "a photo of a {shape}"
 
 
 def _varied_captions(scene: _Scene, rng: np.random.Generator) -> list[str]:
@@ -439,13 +439,18 @@ def _varied_captions(scene: _Scene, rng: np.random.Generator) -> list[str]:
     bare = rng.random(n) < BARE_PROMPT_FRACTION
     prefix = rng.integers(0, len(_PREFIXES), n)
     as_pattern = rng.random(n) < 0.5
+    drawn_as = rng.integers(0, 3, n)  # an outlined shape: described, "a sketch of", "a drawing of"
     captions = []
     for i in range(n):
         if scene.shape[i] < 0:
             kind = BACKGROUNDS[scene.background[i]]
             captions.append(f"a photo of {_a(kind)} pattern" if as_pattern[i] else f"{_a(kind)} texture")
-        elif bare[i] and not scene.outlined[i] and not scene.corrupted[i]:
+        elif bare[i]:
+            # Outlined and blurred shapes too: the web captions a sketch of a star "a star", and it
+            # is this pairing that teaches the class prompt every domain the evaluation uses.
             captions.append(f"a photo of {_a(SHAPE_NAMES[scene.shape[i]])}")
+        elif scene.outlined[i] and drawn_as[i]:
+            captions.append(f"a {('sketch', 'drawing')[drawn_as[i] - 1]} of {_a(SHAPE_NAMES[scene.shape[i]])}")
         else:
             captions.append(_describe(scene, i, *mention[i], prefix=_PREFIXES[prefix[i]]))
     return captions

@@ -26,9 +26,9 @@ def clip_from_config(cfg: Config, *, device="cpu"):
                 f"model.pretrained=shapeworld exists only for the built-in architectures {', '.join(BUILT_IN)}, "
                 f"not {model.name!r}; set model.pretrained to an open_clip tag (e.g. openai) or a checkpoint "
                 "file, or to null for an hf-hub: or local-dir: model")
-        from ..shapeworld.pretrain import load_shapeworld_clip
+        from ..shapeworld.shipped import builtin_clip
 
-        return load_shapeworld_clip(model.name, device=device)
+        return builtin_clip(model.name, device=device)[:2]
     if model.pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)

@@ -5,6 +5,9 @@ image; `kernels.reprogram_patch_embed` turns source images straight into patch t
 frozen ViT (class token, `ln_pre`, transformer, pooling, projection) follows.
 Text side: the prompts' token-embedding rows and the positional embedding are trainable copies
 of the pretrained values; everything else of the text tower is frozen.
+
+Inference caches the text features: `text_features()` re-runs the text tower only when a tensor
+it reads has changed (see there), so `model(images)` costs the image tower alone.
 """
 from typing import Optional, Sequence
 
@@ -78,6 +81,7 @@ class Reprogrammer(nn.Module):
         self.register_buffer("zs_text_features", F.normalize(zero_shot, dim=-1))
         self.token_rows.requires_grad_(text)
         self.text_positional.requires_grad_(text)
+        self._text_cache: Optional[tuple[tuple, torch.Tensor]] = None
 
     # The frozen CLIP stays in eval mode (no patch dropout, fixed norms) whatever the wrapper's mode.
     def train(self, mode: bool = True):
@@ -114,6 +118,29 @@ class Reprogrammer(nn.Module):
         """Unnormalised features of the frozen encoder on the image resized to the canvas."""
         return self._image_features(images, self.zero_canvas, self.canvas)
 
+    def image_feature_pair(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(image_features, zero_shot_image_features)` of `images`.
+
+        Without gradients the two passes share one run of the frozen tower over `2B` token rows:
+        its matrix products then see twice the rows, which is faster at every batch size on the CPU
+        (bench/results/model-passes-*.md) and fills an accelerator's tiles at small batches.
+        With gradients they stay apart, so the backward pass never runs over the zero-shot half.
+        """
+        if self.image_delta is None:
+            features = self.zero_shot_image_features(images)
+            return features, features
+        if torch.is_grad_enabled() and self.image_delta.requires_grad:
+            return self.image_features(images), self.zero_shot_image_features(images)
+        visual = self.clip.visual
+        check_pixel_range(images)
+        common = dict(mean=self.mean, std=self.std, pos_embed=visual.positional_embedding[1:])
+        tokens = torch.cat([
+            kernels.reprogram_patch_embed(images, self.perturbation(), visual.conv1.weight,
+                                          up_resolution=self.up_resolution, **common),
+            kernels.reprogram_patch_embed(images, self.zero_canvas, visual.conv1.weight,
+                                          up_resolution=self.canvas, **common)])
+        return encode_patch_tokens(visual, tokens).chunk(2)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(images), dim=-1)
 
@@ -127,12 +154,52 @@ class Reprogrammer(nn.Module):
         classes = slice(None) if classes is None else classes
         return F.normalize(self._text_features(self.token_rows, self.text_positional, classes), dim=-1)
 
+    def text_features(self) -> torch.Tensor:
+        """`encode_text()` of all classes, computed once for as long as it cannot change.
+
+        While gradients flow to the prompt parameters every call encodes afresh (training). Otherwise
+        the result is cached under a key of every tensor the text tower reads (each one's storage
+        address and in-place version counter: optimiser steps, `load_state_dict`,
+        `load_learned_state` and `.to()` all change one) and of the autocast state, so the next
+        call after any such change re-encodes. Writes through `.data` bypass version counters (as
+        they bypass autograd's checks); call `clear_text_cache()` after those. `alpha` only enters
+        the blend that `kernels.residual_logits` does per call, so it needs no key here.
+        """
+        if (torch.is_grad_enabled() and (self.token_rows.requires_grad or self.text_positional.requires_grad)) \
+                or torch.jit.is_tracing():
+            return self.encode_text()
+        return self._cached_text_features()
+
+    @torch.compiler.disable  # version counters and addresses are Python-side state: a graph break
+    def _cached_text_features(self) -> torch.Tensor:
+        device_type = self.token_rows.device.type
+        key = (tuple((t.data_ptr(), t._version) for t in self._text_inputs()),
+               torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.encode_text())
+        return self._text_cache[1]
+
+    def _text_inputs(self) -> list[torch.Tensor]:
+        text, _, _ = text_tower(self.clip)
+        projection = text.text_projection
+        return [self.token_rows, self.text_positional, self.prompt_tokens, self.prompt_index,
+                *text.transformer.parameters(), *text.ln_final.parameters(),
+                *(projection.parameters() if isinstance(projection, nn.Module) else
+                  [projection] if projection is not None else []),
+                *([text.attn_mask] if isinstance(text.attn_mask, torch.Tensor) else [])]
+
+    def clear_text_cache(self) -> None:
+        self._text_cache = None
+
     # ---- classifier -------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits `[B, C]` = `exp(logit_scale) * cos` of the (residual-blended) features."""
-        img_rp = self.image_features(images)
-        img_zs = self.zero_shot_image_features(images) if self.alpha > 0 else img_rp
-        return kernels.residual_logits(img_rp, img_zs, self.encode_text(), self.zs_text_features,
+        if self.alpha > 0:
+            img_rp, img_zs = self.image_feature_pair(images)
+        else:
+            img_rp = img_zs = self.image_features(images)
+        return kernels.residual_logits(img_rp, img_zs, self.text_features(), self.zs_text_features,
                                        alpha=self.alpha, logit_scale=self.logit_scale)
 
     # ---- learned state ----------------------------------------------------------------------

@@ -133,9 +133,9 @@ def reprogrammer_features(model: Reprogrammer, sets: EvalSets, options: EvalOpti
     image_rp, image_zs, labels = {}, {}, {}
     for set_name, dataset in _all_sets(sets):
         (image_rp[set_name], image_zs[set_name]), labels[set_name] = encode(
-            dataset, lambda x: (model.image_features(x), model.zero_shot_image_features(x)), options, "reprogrammer")
+            dataset, model.image_feature_pair, options, "reprogrammer")
     with autocast(options.device, options.precision):
-        text_rp = model.encode_text()
+        text_rp = model.text_features()
     return ReprogrammerFeatures(image_rp, image_zs, labels, text_rp.float().cpu(),
                                 model.zs_text_features.float().cpu(), model.logit_scale.item())
 

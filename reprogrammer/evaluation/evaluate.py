@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from .. import kernels
-from ..data import ImageLoader
+from ..data.images import base_dataset
+from ..data.loaders import eval_loader
 from ..data.suites import EvalSets
 from ..model import Reprogrammer
 from ..runtime import autocast, to_float_images
@@ -32,16 +33,19 @@ class EvalOptions:
     batch_size: int = 256
     temperature: float = 0.01
     bootstrap: int = 0
-    num_workers: int = 0
+    num_workers: Optional[int] = None
     progress: bool = True
 
 
 def _batches(dataset, options: EvalOptions, what: str):
-    loader = ImageLoader(dataset, options.batch_size, num_workers=options.num_workers,
-                         pin_memory=options.device.type == "cuda")
+    loader = eval_loader(dataset, options.batch_size, options.device, num_workers=options.num_workers)
     bar = tqdm(loader, desc=f"  {what}: {getattr(dataset, 'name', 'data')}", unit="batch", leave=False,
                disable=not options.progress, dynamic_ncols=True)
-    for images, labels in bar:
+    for images, labels, skipped in bar:
+        if skipped:
+            base_dataset(dataset).record_skipped(skipped)
+        if not len(labels):
+            continue
         bar.set_postfix(images=len(labels))
         yield to_float_images(images, options.device), labels
 

@@ -117,7 +117,7 @@ def resident_images(base: ArrayImageDataset, device: torch.device) -> torch.Tens
         chunk = 4096
         for start in range(0, n, chunk):
             if size is None or (h, w) == (size, size):
-                part = torch.from_numpy(np.ascontiguousarray(base.images[start:start + chunk])).permute(0, 3, 1, 2)
+                part = torch.from_numpy(np.array(base.images[start:start + chunk])).permute(0, 3, 1, 2)
             else:
                 part = torch.stack([base[i][0] for i in range(start, min(n, start + chunk))])
             out[start:start + chunk] = part.to(device)

@@ -354,8 +354,9 @@ def run(args) -> int:
         notes.append("ours runs without torch.compile (on the CPU inductor's tower code is no faster than "
                      "eager and takes minutes to build; --compile on forces it)")
     if device.type == "cpu":
-        notes.append("on the CPU the fused ops take their PyTorch reference path: ours differs from "
-                     "eager-amp only by compilation")
+        notes.append("on the CPU the fused ops take their PyTorch reference path: ours differs from eager-amp "
+                     "only by compilation" + ("" if compile_towers else ", which is off, so their ratio "
+                                              "shows the measurement noise"))
         notes.append("peak memory is measured on CUDA only")
     for note in notes:
         print(f"note: {note}")

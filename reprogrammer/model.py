@@ -19,6 +19,7 @@ from . import kernels
 from .clip import image_normalisation
 from .constants import DEFAULT_TEMPLATE
 from .state import load_checked
+from .text_cache import TextFeatureCache, text_tower_tensors
 from .towers import check_pixel_range, encode_patch_tokens, encode_text_embeddings, text_tower, vision_tower
 
 
@@ -81,7 +82,7 @@ class Reprogrammer(nn.Module):
         self.register_buffer("zs_text_features", F.normalize(zero_shot, dim=-1))
         self.token_rows.requires_grad_(text)
         self.text_positional.requires_grad_(text)
-        self._text_cache: Optional[tuple[tuple, torch.Tensor]] = None
+        self._text_cache = TextFeatureCache()
 
     # The frozen CLIP stays in eval mode (no patch dropout, fixed norms) whatever the wrapper's mode.
     def train(self, mode: bool = True):
@@ -158,40 +159,21 @@ class Reprogrammer(nn.Module):
     def text_features(self) -> torch.Tensor:
         """`encode_text()` of all classes, computed once for as long as it cannot change.
 
-        While gradients flow to the prompt parameters every call encodes afresh (training). Otherwise
-        the result is cached under a key of every tensor the text tower reads (each one's storage
-        address and in-place version counter: optimiser steps, `load_state_dict`,
-        `load_learned_state` and `.to()` all change one) and of the autocast state, so the next
-        call after any such change re-encodes. Writes through `.data` bypass version counters (as
-        they bypass autograd's checks); call `clear_text_cache()` after those. `alpha` only enters
-        the blend that `kernels.residual_logits` does per call, so it needs no key here.
+        While gradients flow to the prompt parameters every call encodes afresh (training); otherwise
+        the features are cached until a tensor the text tower reads changes (`text_cache`: optimiser
+        steps, `load_state_dict`, `load_learned_state`, `.to()` and in-place edits all re-encode).
+        After writes through `.data` call `clear_text_cache()`. `alpha` only enters the blend that
+        `kernels.residual_logits` does per call, so it needs no key here.
         """
         if (torch.is_grad_enabled() and (self.token_rows.requires_grad or self.text_positional.requires_grad)) \
                 or torch.jit.is_tracing():
             return self.encode_text()
-        return self._cached_text_features()
-
-    @torch.compiler.disable  # version counters and addresses are Python-side state: a graph break
-    def _cached_text_features(self) -> torch.Tensor:
-        device_type = self.token_rows.device.type
-        key = (tuple((t.data_ptr(), t._version) for t in self._text_inputs()),
-               torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        if self._text_cache is None or self._text_cache[0] != key:
-            with torch.no_grad():
-                self._text_cache = (key, self.encode_text())
-        return self._text_cache[1]
-
-    def _text_inputs(self) -> list[torch.Tensor]:
-        text, _, _ = text_tower(self.clip)
-        projection = text.text_projection
-        return [self.token_rows, self.text_positional, self.prompt_tokens, self.prompt_index,
-                *text.transformer.parameters(), *text.ln_final.parameters(),
-                *(projection.parameters() if isinstance(projection, nn.Module) else
-                  [projection] if projection is not None else []),
-                *([text.attn_mask] if isinstance(text.attn_mask, torch.Tensor) else [])]
+        inputs = [self.token_rows, self.text_positional, self.prompt_tokens, self.prompt_index,
+                  *text_tower_tensors(self.clip)]
+        return self._text_cache(inputs, self.encode_text)
 
     def clear_text_cache(self) -> None:
-        self._text_cache = None
+        self._text_cache.clear()
 
     # ---- classifier -------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:

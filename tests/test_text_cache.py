@@ -1,8 +1,9 @@
 """Cached text features (`Reprogrammer.text_features`): the text tower runs once per set of
 prompt parameters at inference, and never serves features of parameters that have changed."""
 import torch
+import torch.nn.functional as F
 
-from reprogrammer.methods import MethodConfig
+from reprogrammer.methods import MethodConfig, build_method
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
 from reprogrammer.training.distributed import DistInfo
 from reprogrammer.training.engine import evaluate_accuracy
@@ -120,3 +121,19 @@ def test_validation_with_1000_classes_runs_the_text_tower_once():
     assert 0.0 <= accuracy <= 1.0
     assert runs.count == 1
     assert model.training
+
+
+def test_coop_encodes_its_prompts_once_per_context_at_inference():
+    clip, tokenizer = tiny_clip()
+    coop = build_method(clip, tokenizer, ["cat", "dog", "red star"], MethodConfig(name="coop", n_ctx=4)).eval()
+    runs = TextTowerRuns(coop)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = coop(images)
+        assert torch.equal(coop(images), before) and runs.count == 1
+        coop.context.add_(torch.randn_like(coop.context))
+        after = coop(images)
+        expected = coop.logit_scale * F.normalize(coop.image_tower(images), dim=-1) @ coop.encode_text().T
+    assert runs.count == 3  # the changed context re-encoded once, plus the oracle's own encode_text
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(after, before, atol=1e-3)

@@ -267,7 +267,8 @@ def pipeline_groups(setup: Setup):
 
 def measure_round_robin(steps: dict, n_steps: int, warmup: int, device: torch.device,
                         errors: list[str], batch: int) -> dict:
-    """`{key: timing}` of `steps` (`key: (backend, fn)`), timed one step of each in turn: step time
+    """`{key: timing}` of `steps` (`key: (backend, fn)`), timed one step of each in turn, in rotating
+    order: step time
     quantiles (ms), first-call time (s, compile included) and peak CUDA memory (every model copy
     resident counts). A step that raises is recorded in `errors` and dropped."""
     def synchronize():
@@ -291,8 +292,11 @@ def measure_round_robin(steps: dict, n_steps: int, warmup: int, device: torch.de
         except Exception as err:
             _record(errors, f"{key[0]} {key[1]} B={batch}", err)
             del steps[key]
-    for _ in range(n_steps):
-        for key in steps:
+    keys = list(steps)
+    for round_ in range(n_steps):
+        # Each round starts one workload later, so that no row always follows the same one
+        # (a predecessor's leftover cache and allocator state would bias it).
+        for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             synchronize()

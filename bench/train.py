@@ -11,13 +11,23 @@ Training step = forward + backward + optimiser step, for three pipelines:
   token-embedding table trained;
 - `eager-amp`: `Reprogrammer` and its loss on the reference ops (REPROGRAMMER_BACKEND=torch), eager,
   unique prompts, autocast;
-- `ours`: the same with the fused kernels (backend auto) and the frozen towers compiled;
-- `lower-bound`: the frozen towers alone: the image tower's forward and input-gradient backward on
-  an already-prepared canvas batch, the text tower's on the batch's unique prompts.
+- `ours`: the same with the fused kernels (backend auto) and, on CUDA, the frozen towers compiled
+  (on the CPU inductor's code for these towers was no faster than eager, and the fused ops take
+  their PyTorch reference path there, so `ours` and `eager-amp` run the same code on the CPU);
+- `lower-bound`: exactly the tower calls of `ours`' step and nothing else: the image transformer's
+  forward and backward from already-made patch tokens, the text tower's on the batch's unique
+  prompts (same compilation as `ours`).
 
-Evaluation (images/s of Residual Reprogrammer, alpha 0.4): `naive-two-pass` runs two model
-forwards, one per branch (reprogrammed; zero-shot with its prompts encoded), and blends the
-features in eager torch; `ours` is `Reprogrammer.forward` with alpha 0.4.
+Evaluation (images/s of Residual Reprogrammer, alpha 0.4, scoring one batch of an evaluation
+whose text features are already encoded, as every inference path encodes them once per
+evaluation): `naive-two-pass` runs the two image branches as two encoder passes (reprogrammed;
+zero-shot from the resized image) and blends in eager torch; `ours` is `Reprogrammer.forward`
+(one paired image pass, cached text features, the residual-logits op).
+
+All workloads of a run are timed step by step in turn (round robin), so that a change of load
+on a shared machine hits every row alike. Each training row also reports the in-memory loader's
+images/s at that batch (`loader_images_per_s`, `data.loaders.ResidentLoader`) and whether the step
+would be input-bound on it (`input_bound`: the loader slower than the step).
 
 Ratios are `speedup_vs_<pipeline>` = that pipeline's step time / the row's step time, i.e. the
 throughput ratio row / pipeline; for `ours` against `lower-bound` it is the fraction of the
@@ -56,10 +66,13 @@ from bench.kernels import cpu_threads
 from reprogrammer import kernels
 from reprogrammer.clip import image_normalisation, load_clip
 from reprogrammer.constants import DEFAULT_TEMPLATE
+from reprogrammer.data import ArrayImageDataset
+from reprogrammer.data.loaders import ResidentLoader
 from reprogrammer.methods import MethodConfig
 from reprogrammer.methods.losses import contrastive_focal_loss
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
-from reprogrammer.runtime import autocast
+from reprogrammer.runtime import autocast, to_float_images
+from reprogrammer.towers import encode_patch_tokens
 from reprogrammer.training.optim import reprogrammer_optimizers
 from reprogrammer.training.telemetry import GpuTelemetry
 
@@ -164,17 +177,20 @@ def train_step(loss_fn, optimizers, device: torch.device, precision: str) -> Wor
 
 
 def lower_bound_step(model: ReprogrammerClassifier, device: torch.device, precision: str) -> Workload:
-    """Frozen towers only: forward + input-gradient backward, nothing else of the step."""
+    """The tower calls of `model.loss` alone: forward + backward from ready patch tokens, and the
+    text tower on the batch's unique prompts; no patch embedding, loss or optimiser step."""
+    visual = model.clip.visual
+
     def make(images, labels):
         g = torch.Generator(device=device).manual_seed(len(labels))
-        canvas = torch.randn(len(labels), 3, model.canvas, model.canvas, device=device, generator=g)
-        canvas.requires_grad_()
+        n_patches, width = visual.positional_embedding.shape[0] - 1, visual.conv1.out_channels
+        tokens = torch.randn(len(labels), n_patches, width, device=device, generator=g).requires_grad_()
         classes = torch.unique(labels)
 
         def step():
-            canvas.grad = model.token_rows.grad = model.text_positional.grad = None
+            tokens.grad = model.token_rows.grad = model.text_positional.grad = None
             with autocast(device, precision):
-                total = model.clip.encode_image(canvas).float().sum() + model.encode_text(classes).sum()
+                total = encode_patch_tokens(visual, tokens).float().sum() + model.encode_text(classes).float().sum()
             total.backward()
         return step
     return make
@@ -195,19 +211,22 @@ def evaluating(model: ReprogrammerClassifier, alpha: float):
 
 def naive_two_pass(model: ReprogrammerClassifier, tokenizer, device: torch.device,
                    precision: str) -> Workload:
-    """Residual Reprogrammer as two model forwards blended afterwards, in eager torch."""
+    """Residual Reprogrammer as two encoder passes blended afterwards, in eager torch; both
+    branches' text features encoded once, before the evaluation's batches."""
     prompts = tokenizer([model.template.format(c) for c in model.classnames]).to(device)
 
     def make(images, labels):
+        with torch.no_grad(), evaluating(model, 0.0), autocast(device, precision):
+            txt_rp = model.encode_text()
+            txt_zs = model.clip.encode_text(prompts)
+
         @torch.no_grad()
         def step():
             with evaluating(model, 0.0), autocast(device, precision):
                 img_rp = model.image_features(images)
-                txt_rp = model.encode_text()
                 resized = kernels.reprogram_image(images, model.zero_canvas, up_resolution=model.canvas,
                                                   mean=model.mean, std=model.std)
                 img_zs = model.clip.encode_image(resized)
-                txt_zs = model.clip.encode_text(prompts)
                 return kernels.residual_logits_ref(img_rp, img_zs, txt_rp, txt_zs, alpha=ALPHA,
                                                    logit_scale=model.logit_scale)
         return step
@@ -225,58 +244,96 @@ def residual_forward(model: ReprogrammerClassifier, device: torch.device, precis
 
 
 def pipeline_groups(setup: Setup):
-    """`(backend, {(task, pipeline): workload})` per model built; built one at a time, so that a
-    pipeline's memory peak holds its own model only."""
+    """Builders of `{(task, pipeline): (backend, workload)}`; one group, so that every row is timed
+    in the same round robin (three model copies fit any device this runs on)."""
     dev, precision = setup.device, setup.precision
 
-    def authors():
-        pipeline = AuthorsPipeline(setup.fresh_clip(), setup.tokenizer, CLASSNAMES,
-                                   up_resolution=setup.up_resolution, mr_resolution=setup.mr_resolution)
-        return "torch", {("train", "authors"): train_step(pipeline.loss, pipeline.optimizers(), dev, "fp32")}
-
-    def eager():
-        model = setup.reprogrammer(compiled=False)
-        return "torch", {
-            ("train", "eager-amp"): train_step(model.loss, reprogrammer_optimizers(model), dev, precision),
-            ("eval", "naive-two-pass"): naive_two_pass(model, setup.tokenizer, dev, precision),
+    def everything():
+        authors = AuthorsPipeline(setup.fresh_clip(), setup.tokenizer, CLASSNAMES,
+                                  up_resolution=setup.up_resolution, mr_resolution=setup.mr_resolution)
+        eager = setup.reprogrammer(compiled=False)
+        ours = setup.reprogrammer(compiled=setup.compile)
+        return {
+            ("train", "authors"): ("torch", train_step(authors.loss, authors.optimizers(), dev, "fp32")),
+            ("train", "eager-amp"): ("torch", train_step(eager.loss, reprogrammer_optimizers(eager), dev, precision)),
+            ("eval", "naive-two-pass"): ("torch", naive_two_pass(eager, setup.tokenizer, dev, precision)),
+            ("train", "ours"): ("auto", train_step(ours.loss, reprogrammer_optimizers(ours), dev, precision)),
+            ("train", "lower-bound"): ("auto", lower_bound_step(ours, dev, precision)),
+            ("eval", "ours"): ("auto", residual_forward(ours, dev, precision)),
         }
 
-    def ours():
-        model = setup.reprogrammer(compiled=setup.compile)
-        return "auto", {
-            ("train", "ours"): train_step(model.loss, reprogrammer_optimizers(model), dev, precision),
-            ("train", "lower-bound"): lower_bound_step(model, dev, precision),
-            ("eval", "ours"): residual_forward(model, dev, precision),
-        }
-
-    return authors, eager, ours
+    return (everything,)
 
 
-def measure(step: Callable[[], object], steps: int, warmup: int, device: torch.device) -> dict:
-    """Step time quantiles (ms), first-call time (s, compile included) and peak CUDA memory."""
+def measure_round_robin(steps: dict, n_steps: int, warmup: int, device: torch.device,
+                        errors: list[str], batch: int) -> dict:
+    """`{key: timing}` of `steps` (`key: (backend, fn)`), timed one step of each in turn, in rotating
+    order: step time
+    quantiles (ms), first-call time (s, compile included) and peak CUDA memory (every model copy
+    resident counts). A step that raises is recorded in `errors` and dropped."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    step()
-    synchronize()
-    first_s = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        synchronize()
+    def call(key):
+        backend, fn = steps[key]
+        with kernels.use_backend(backend):
+            fn()
+
+    times, first, peak = {}, {}, {}
+    for key in list(steps):
+        try:
+            start = time.perf_counter()
+            call(key)
+            synchronize()
+            first[key], times[key], peak[key] = time.perf_counter() - start, [], 0.0
+            for _ in range(warmup):
+                call(key)
+        except Exception as err:
+            _record(errors, f"{key[0]} {key[1]} B={batch}", err)
+            del steps[key]
+    keys = list(steps)
+    for round_ in range(n_steps):
+        # Each round starts one workload later, so that no row always follows the same one
+        # (a predecessor's leftover cache and allocator state would bias it).
+        for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize()
+            start = time.perf_counter()
+            call(key)
+            synchronize()
+            times[key].append((time.perf_counter() - start) * 1e3)
+            if device.type == "cuda":
+                peak[key] = max(peak[key], torch.cuda.max_memory_allocated(device) / 2**20)
+    timings = {}
+    for key in steps:
+        median, p20, p80 = torch.quantile(torch.tensor(times[key], dtype=torch.float64),
+                                          torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        timings[key] = {"step_ms": median, "p20_ms": p20, "p80_ms": p80, "first_step_s": first[key],
+                        "peak_mem_mib": peak[key] if device.type == "cuda" else None}
+    return timings
+
+
+def loader_rate(batch: int, setup: Setup, epochs: int = 3) -> float:
+    """Images/s of the in-memory loader (uint8 on the device, gathers, conversion to floats) on a
+    set of 64 batches of the benchmark's images."""
+    side = setup.image_resolution
+    g = torch.Generator().manual_seed(batch)
+    n = 64 * batch
+    images = torch.randint(0, 256, (n, side, side, 3), generator=g, dtype=torch.uint8).numpy()
+    dataset = ArrayImageDataset("bench", images, (torch.arange(n) % len(CLASSNAMES)).numpy(), CLASSNAMES)
+    order = torch.randperm(n, generator=g).tolist()
+    loader = ResidentLoader(dataset, torch.arange(n).numpy(), order, batch, setup.device, drop_last=True)
+    best = float("inf")
+    for _ in range(epochs):  # the first epoch also builds the resident tensor
         start = time.perf_counter()
-        step()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    median, p20, p80 = torch.quantile(torch.tensor(times, dtype=torch.float64),
-                                      torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"step_ms": median, "p20_ms": p20, "p80_ms": p80, "first_step_s": first_s, "peak_mem_mib": peak}
+        for x, y, _ in loader:
+            x = to_float_images(x, setup.device)
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize(setup.device)
+        best = min(best, time.perf_counter() - start)
+    return n / best
 
 
 def batch_data(batch: int, setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,13 +353,14 @@ def run(args) -> int:
         precision = "amp_bf16" if device.type == "cuda" else "fp32"
         if device.type == "cpu":
             notes.append("eager-amp and ours run in fp32 on the CPU: bf16 autocast is slower there")
-    compile_towers = {"on": True, "off": False, "auto": not (args.quick and device.type == "cpu")}[args.compile]
+    compile_towers = {"on": True, "off": False, "auto": device.type == "cuda"}[args.compile]
     if not compile_towers:
-        notes.append("ours runs without torch.compile (inductor needs minutes to warm up on a small CPU; "
-                     "--compile on forces it)")
+        notes.append("ours runs without torch.compile (on the CPU inductor's tower code is no faster than "
+                     "eager and takes minutes to build; --compile on forces it)")
     if device.type == "cpu":
-        notes.append("on the CPU the fused ops take their PyTorch reference path: ours differs from "
-                     "eager-amp only by compilation")
+        notes.append("on the CPU the fused ops take their PyTorch reference path: ours differs from eager-amp "
+                     "only by compilation" + ("" if compile_towers else ", which is off, so their ratio "
+                                              "shows the measurement noise"))
         notes.append("peak memory is measured on CUDA only")
     for note in notes:
         print(f"note: {note}")
@@ -345,32 +403,33 @@ def measure_group(build, batches, setup: Setup, args, errors: list[str]) -> Iter
     """Rows of one model's workloads, a batch size at a time, so that the caller saves as it goes.
     A failing build or measurement (memory, a kernel) is recorded in `errors`, and the run goes on."""
     try:
-        backend, workloads = build()
+        workloads = build()
     except Exception as err:
         _record(errors, "building a pipeline", err)
         return
     try:
-        with kernels.use_backend(backend):
-            for batch in batches:
-                images, labels = batch_data(batch, setup)
-                rows = []
-                for (task, pipeline), workload in workloads.items():
-                    try:
-                        timing = measure(workload(images, labels), args.steps, args.warmup, setup.device)
-                    except Exception as err:
-                        _record(errors, f"{task} {pipeline} B={batch}", err)
-                        continue
-                    rows.append({
-                        "task": task, "pipeline": pipeline, "batch": batch, **timing,
-                        "images_per_s": batch / (timing["step_ms"] * 1e-3),
-                        "precision": "fp32" if pipeline == "authors" else setup.precision,
-                        "compiled": setup.compile and pipeline in ("ours", "lower-bound"),
-                        "ops": "fused" if backend == "auto" and setup.device.type == "cuda" else "reference",
-                    })
-                    print(f"{task:5} {pipeline:15} B={batch:<5} {timing['step_ms']:10.2f} ms "
-                          f"{rows[-1]['images_per_s']:10.1f} img/s  first step {timing['first_step_s']:.1f} s",
-                          flush=True)
-                yield rows
+        for batch in batches:
+            images, labels = batch_data(batch, setup)
+            loader_images_per_s = loader_rate(batch, setup)
+            steps = {key: (backend, workload(images, labels)) for key, (backend, workload) in workloads.items()}
+            timings = measure_round_robin(steps, args.steps, args.warmup, setup.device, errors, batch)
+            rows = []
+            for (task, pipeline), timing in timings.items():
+                rows.append({
+                    "task": task, "pipeline": pipeline, "batch": batch, **timing,
+                    "images_per_s": batch / (timing["step_ms"] * 1e-3),
+                    "precision": "fp32" if pipeline == "authors" else setup.precision,
+                    "compiled": setup.compile and pipeline in ("ours", "lower-bound") and task == "train",
+                    "ops": "fused" if workloads[task, pipeline][0] == "auto" and setup.device.type == "cuda"
+                    else "reference",
+                })
+                if task == "train":
+                    rows[-1]["loader_images_per_s"] = loader_images_per_s
+                    rows[-1]["input_bound"] = loader_images_per_s < rows[-1]["images_per_s"]
+                print(f"{task:5} {pipeline:15} B={batch:<5} {timing['step_ms']:10.2f} ms "
+                      f"{rows[-1]['images_per_s']:10.1f} img/s  first step {timing['first_step_s']:.1f} s",
+                      flush=True)
+            yield rows
     finally:
         del workloads
         gc.collect()
@@ -398,8 +457,8 @@ def write(rows, env, extra, out) -> tuple[Path, Path, Path]:
 
 
 def short_table(rows: list[dict], batch: int) -> str:
-    keys = ("task", "pipeline", "batch", "images_per_s", "step_ms", "peak_mem_mib",
-            *(f"speedup_vs_{b}" for b in BASELINES))
+    keys = ("task", "pipeline", "batch", "images_per_s", "step_ms", "peak_mem_mib", "loader_images_per_s",
+            "input_bound", *(f"speedup_vs_{b}" for b in BASELINES))
     return markdown_table([{k: row.get(k) for k in keys} for row in rows if row["batch"] == batch])
 
 
@@ -422,7 +481,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["auto", "amp_bf16", "fp32"], default="auto",
                         help="of eager-amp and ours (auto: amp_bf16 on CUDA, fp32 on the CPU); authors: fp32")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="compile ours' frozen towers (auto: yes, except --quick on the CPU)")
+                        help="compile ours' frozen towers (auto: on CUDA only)")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; --quick: 1)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"),
                         help="folder for the JSON, markdown and plot (default bench/results)")

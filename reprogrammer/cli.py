@@ -1,4 +1,4 @@
-"""`reprogrammer` command line: train, eval, export, predict, config, demo, pretrain, bench."""
+"""`reprogrammer` command line: train, eval, export, predict, config, demo, pretrain, data, bench."""
 import argparse
 import importlib
 import logging
@@ -97,6 +97,24 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _data_cache(args) -> int:
+    from .config import load_config
+    from .data.cache import write_cache
+    from .data.registry import DATASETS, build_dataset
+
+    cfg = load_config(args.config, tuple(args.set)).data
+    if cfg.root is None:
+        raise ValueError(f"data.root is not set: point it at the {cfg.dataset} folder (--set data.root=PATH)")
+    split = args.split or ("train" if "train" in DATASETS[cfg.dataset].splits else None)
+    dataset = build_dataset(cfg.dataset, cfg.root, split, image_resolution=cfg.image_resolution,
+                            classnames=cfg.classnames_file, max_skipped_fraction=cfg.max_skipped_fraction)
+    meta = write_cache(dataset, args.out, num_workers=cfg.num_workers, progress=not args.quiet,
+                       source={"dataset": cfg.dataset, "root": str(cfg.root), "split": split})
+    print(f"wrote {meta['rows']} images of {meta['image_resolution']} px to {args.out} "
+          f"({len(meta['skipped'])} unreadable skipped); train from it with --set data.cache={args.out}")
+    return 0
+
+
 def _bench(args) -> int:
     # The benchmarks are scripts of the source checkout, not part of the installed package.
     checkout = Path(__file__).resolve().parents[1]
@@ -181,8 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--threads", type=int, help="CPU threads (default: the shipped run's; the bits depend on it)")
     pt.set_defaults(func=_pretrain)
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels, train, or compile (offline sm_90a report)")
-    bench.add_argument("what", choices=["kernels", "train", "compile"])
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    cache = data_sub.add_parser("cache", help="decode a dataset once into a memory-mapped uint8 array at "
+                                "data.image_resolution, which training reads with data.cache=OUT")
+    cache.add_argument("--config", default="default", help="YAML file or preset naming data.dataset, root, resolution")
+    cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    cache.add_argument("--split", help="dataset split (default: train)")
+    cache.add_argument("--out", required=True, help="cache folder to write")
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.set_defaults(func=_data_cache)
+
+    bench = sub.add_parser("bench", help="benchmarks: kernels, train, data, or compile (offline sm_90a report)")
+    bench.add_argument("what", choices=["kernels", "train", "data", "compile"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after it)")
     bench.set_defaults(func=_bench)
     return parser

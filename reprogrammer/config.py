@@ -38,7 +38,12 @@ class DataConfig:
     classnames_file: Optional[str] = None
     #: unreadable image files are skipped and counted; more than this fraction is an error.
     max_skipped_fraction: float = 0.01
-    num_workers: int = 2
+    #: worker processes reading image files (None: one per core); in-memory sets need none.
+    num_workers: Optional[int] = None
+    #: a set whose uint8 tensor fits this many GiB lives on the device (None: a quarter of its memory).
+    memory_budget_gb: Optional[float] = None
+    #: folder written by `reprogrammer data cache`: training reads its images, no decoding.
+    cache: Optional[str] = None
     #: shapeworld sizes
     n_train: int = 4000
     n_test: int = 1000
@@ -74,7 +79,7 @@ class EvalConfig:
     batch_size: int = 256
     temperature: float = MCM_TEMPERATURE
     bootstrap: int = 0
-    num_workers: int = 2
+    num_workers: Optional[int] = None
 
 
 @dataclass

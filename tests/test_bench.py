@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import data as bench_data
 from bench import kernels as bench_kernels
 from bench import train as bench_train
 from bench.kernels import PatchEmbedCase, ResidualCase, patch_embed_work, residual_work
@@ -134,6 +135,24 @@ def test_train_quick_has_every_pipeline_and_ratio(tmp_path):
         by["eval", "naive-two-pass", 8]["step_ms"] / by["eval", "ours", 8]["step_ms"])
     assert ours["speedup_vs_naive-two-pass"] is None
     assert len(list(tmp_path.glob("train-*.png"))) == 1
+    for row in rows:
+        if row["task"] == "train":
+            assert row["loader_images_per_s"] > 0
+            assert row["input_bound"] == (row["loader_images_per_s"] < row["images_per_s"])
+        else:
+            assert "input_bound" not in row
+
+
+def test_data_quick_measures_every_cpu_path(tmp_path):
+    assert bench_data.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _record(tmp_path, "data")
+    rows = {row["path"]: row for row in record["rows"]}
+    assert set(rows) == {"resident", "mapped", "files-pil"}
+    for row in rows.values():
+        assert row["images"] == 64 and row["batch"] == 16 and row["resolution"] == 32
+        assert row["images_per_s"] == pytest.approx(row["images"] / row["epoch_s"])
+        assert row["first_epoch_s"] > 0
+    assert rows["files-pil"]["workers"] == 2 and rows["resident"]["workers"] == 0
 
 
 def _pixels(shape, seed):

@@ -9,6 +9,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from ..config import Config
+from .cache import CachedImageDataset
 from .images import ArrayImageDataset
 from .registry import DATASETS, PAPER_BENCHMARKS, build_dataset
 from .splits import split_indices
@@ -60,13 +61,23 @@ def build_train_data(cfg: Config) -> TrainData:
         names = bench["classnames"]
         return TrainData(_array_set("shapeworld-train", *bench["train"], names),
                          _array_set("shapeworld-val", *bench["val"], names), names)
+    size = {"val_fraction": data.val_size} if data.val_size < 1 else {"val_size": int(data.val_size)}
+    if data.cache is not None:
+        return _cached_train_data(cfg, size)
     splits = DATASETS[data.dataset].splits if data.dataset in DATASETS else ("train",)
     train = build_dataset(data.dataset, _root(data.root, data.dataset), "train" if "train" in splits else splits[0],
                           image_resolution=data.image_resolution, classnames=data.classnames_file,
                           max_skipped_fraction=data.max_skipped_fraction)
-    size = {"val_fraction": data.val_size} if data.val_size < 1 else {"val_size": int(data.val_size)}
     train_idx, val_idx = split_indices(len(train), seed=cfg.train.seed, **size)
     return TrainData(Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist()), train.classnames)
+
+
+def _cached_train_data(cfg: Config, size: dict) -> TrainData:
+    """The splits of a `reprogrammer data cache` folder: the source's split, minus unreadable files."""
+    cache = CachedImageDataset(cfg.data.cache)
+    cache.check_source(cfg.data.dataset, cfg.data.image_resolution)
+    train_idx, val_idx = split_indices(cache.meta["source_size"], seed=cfg.train.seed, **size)
+    return TrainData(Subset(cache, cache.rows_of(train_idx)), Subset(cache, cache.rows_of(val_idx)), cache.classnames)
 
 
 def build_eval_sets(cfg: Config) -> EvalSets:

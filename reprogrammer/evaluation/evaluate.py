@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from .. import kernels
 from ..constants import MCM_TEMPERATURE
-from ..data import ImageLoader
+from ..data.images import base_dataset
+from ..data.loaders import eval_loader
 from ..data.suites import EvalSets
 from ..model import Reprogrammer
 from ..runtime import autocast, to_float_images
@@ -33,16 +34,19 @@ class EvalOptions:
     batch_size: int = 256
     temperature: float = MCM_TEMPERATURE
     bootstrap: int = 0
-    num_workers: int = 0
+    num_workers: Optional[int] = None
     progress: bool = True
 
 
 def _batches(dataset, options: EvalOptions, what: str):
-    loader = ImageLoader(dataset, options.batch_size, num_workers=options.num_workers,
-                         pin_memory=options.device.type == "cuda")
+    loader = eval_loader(dataset, options.batch_size, options.device, num_workers=options.num_workers)
     bar = tqdm(loader, desc=f"  {what}: {getattr(dataset, 'name', 'data')}", unit="batch", leave=False,
                disable=not options.progress, dynamic_ncols=True)
-    for images, labels in bar:
+    for images, labels, skipped in bar:
+        if skipped:
+            base_dataset(dataset).record_skipped(skipped)
+        if not len(labels):
+            continue
         bar.set_postfix(images=len(labels))
         yield to_float_images(images, options.device), labels
 
@@ -134,9 +138,9 @@ def reprogrammer_features(model: Reprogrammer, sets: EvalSets, options: EvalOpti
     image_rp, image_zs, labels = {}, {}, {}
     for set_name, dataset in _all_sets(sets):
         (image_rp[set_name], image_zs[set_name]), labels[set_name] = encode(
-            dataset, lambda x: (model.image_features(x), model.zero_shot_image_features(x)), options, "reprogrammer")
+            dataset, model.image_feature_pair, options, "reprogrammer")
     with autocast(options.device, options.precision):
-        text_rp = model.encode_text()
+        text_rp = model.text_features()
     return ReprogrammerFeatures(image_rp, image_zs, labels, text_rp.float().cpu(),
                                 model.zs_text_features.float().cpu(), model.logit_scale.item())
 

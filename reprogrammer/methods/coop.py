@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..classnames import checked_classnames
 from ..constants import MCM_TEMPERATURE
 from ..state import load_checked
+from ..text_cache import TextFeatureCache, text_tower_tensors
 from ..towers import encode_text_embeddings, text_tower
 from ..training.optim import scheduled
 from .base import Classifier, MethodConfig
@@ -64,6 +65,7 @@ class CoOpClassifier(Classifier):
         self.register_buffer("prompt_embeddings", text.token_embedding(tokens).detach())
         self.context = nn.Parameter(torch.empty(cfg.n_ctx, table.shape[1], device=table.device,
                                                 dtype=table.dtype).normal_(std=0.02))
+        self._text_cache = TextFeatureCache()
 
     @property
     def score_temperature(self) -> float:
@@ -87,9 +89,16 @@ class CoOpClassifier(Classifier):
         features = encode_text_embeddings(self.clip, self.prompt_embeddings_with_context(), self.prompt_tokens)
         return F.normalize(features, dim=-1)
 
+    def text_features(self) -> torch.Tensor:
+        """`encode_text()`, cached while no gradient flows to the context (see `text_cache`)."""
+        if (torch.is_grad_enabled() and self.context.requires_grad) or torch.jit.is_tracing():
+            return self.encode_text()
+        inputs = [self.context, self.prompt_embeddings, self.prompt_tokens, *text_tower_tensors(self.clip)]
+        return self._text_cache(inputs, self.encode_text)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image_features = F.normalize(self.image_tower(images), dim=-1)
-        return self.logit_scale * image_features @ self.encode_text().T.to(image_features.dtype)
+        return self.logit_scale * image_features @ self.text_features().T.to(image_features.dtype)
 
     def loss(self, images, labels):
         return F.cross_entropy(self(images).float(), labels)

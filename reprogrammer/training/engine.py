@@ -16,11 +16,11 @@ from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_dict
-from ..data.images import base_dataset, collate_images, first_image_size
+from ..data.images import base_dataset, first_image_size
+from ..data.loaders import eval_loader, make_loader
 from ..data.suites import TrainData
 from ..files import write_json_atomically
 from ..methods import TrainingObjective, build_method
@@ -45,19 +45,19 @@ class TrainingDiverged(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate_accuracy(classifier, dataset, batch_size: int, device, precision: str, info: DistInfo) -> float:
+def evaluate_accuracy(classifier, dataset, batch_size: int, device, precision: str, info: DistInfo, *,
+                      num_workers=None, budget_gb=None) -> float:
     """Top-1 accuracy on `dataset`, each rank scoring its own shard.
 
-    Side-effect free on the random state: a DataLoader draws its base seed when iterated, from
-    the global RNG unless it has a generator of its own, and the checkpoint saves the global RNG
-    that training's dropout masks come from.
+    Side-effect free on the random state: the loaders draw nothing from the global RNG (a file
+    loader's DataLoader has a generator of its own), and the checkpoint saves the global RNG that
+    training's dropout masks come from.
     """
     classifier.eval()
-    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
+    shard = range(info.rank, len(dataset), info.world_size)
     counts = torch.zeros(2, dtype=torch.float64, device=device)
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=0, collate_fn=collate_images,
-                        generator=torch.Generator().manual_seed(0))
-    for images, labels, _ in loader:
+    for images, labels, _ in eval_loader(dataset, batch_size, device, indices=shard, num_workers=num_workers,
+                                         budget_gb=budget_gb):
         with autocast(device, precision):
             logits = classifier(to_float_images(images, device))
         counts[0] += (logits.argmax(-1).cpu() == labels).sum().item()
@@ -146,8 +146,8 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device, run):
         state = _resume(run_dir, classifier, optimizers, schedulers, scaler, meta, state)
 
     sampler = ResumableSampler(data.train, info, seed=tcfg.seed)
-    loader_kwargs = dict(batch_size=micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
-                         pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_images)
+    loader = make_loader(data.train, sampler, micro_batch, device, drop_last=True, num_workers=cfg.data.num_workers,
+                         budget_gb=cfg.data.memory_budget_gb, seed=tcfg.seed)
     save_every = tcfg.save_every or steps_per_epoch
     run.start()
     tracker = start_tracking(cfg, run_dir, optimizers, main=info.is_main)
@@ -162,10 +162,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device, run):
         while state["step"] < total_steps:
             epoch, offset = divmod(state["step"], steps_per_epoch)
             sampler.set_position(epoch, offset * micro_batch * tcfg.grad_accum)
-            # A generator of its own keeps worker seeding off the global RNG, so resuming
-            # mid-epoch draws the same dropout masks as an uninterrupted run.
-            generator = torch.Generator().manual_seed(tcfg.seed + epoch)
-            batches = iter(DataLoader(data.train, generator=generator, **loader_kwargs))
+            batches = iter(loader)
             for _ in range(offset, steps_per_epoch):
                 if state["step"] >= total_steps:
                     break
@@ -265,7 +262,8 @@ def _validate_and_save(classifier, data, cfg, info, device, run_dir, state, meta
     the same `best` as an uninterrupted one."""
     val_accuracy = None
     if not interrupt and data.val is not None and len(data.val):
-        val_accuracy = evaluate_accuracy(classifier, data.val, cfg.train.batch_size, device, cfg.train.precision, info)
+        val_accuracy = evaluate_accuracy(classifier, data.val, cfg.train.batch_size, device, cfg.train.precision, info,
+                                         num_workers=cfg.data.num_workers, budget_gb=cfg.data.memory_budget_gb)
         state["evaluations"].append({"step": state["step"], "val_accuracy": val_accuracy})
     best = val_accuracy is not None and val_accuracy > state["best_val"]
     if best:

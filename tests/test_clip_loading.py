@@ -83,15 +83,15 @@ def test_random_weights_still_warn():
 
 
 def test_shapeworld_is_only_for_the_built_in_architectures(monkeypatch):
-    def no_pretraining(*args, **kwargs):
-        raise AssertionError("shapeworld pretraining started")
+    def no_builtin(*args, **kwargs):
+        raise AssertionError("the built-in shape-world CLIP was asked for")
 
-    monkeypatch.setattr("reprogrammer.shapeworld.pretrain.load_shapeworld_clip", no_pretraining)
+    monkeypatch.setattr("reprogrammer.shapeworld.shipped.builtin_clip", no_builtin)
     for name in ("ViT-B-32", "local-dir:/models/tiny"):
         cfg = load_config(None, (f"model.name={name}",))
         assert cfg.model.pretrained == "shapeworld"  # the default
         with pytest.raises(ConfigError, match="only for the built-in architectures RP-ViT-Tiny, RP-ViT-Small"):
             clip_from_config(cfg)
     cfg = load_config(None, ("model.name=RP-ViT-Tiny",))
-    with pytest.raises(AssertionError, match="shapeworld pretraining started"):  # the built-in path is taken
+    with pytest.raises(AssertionError, match="built-in shape-world CLIP was asked for"):  # the built-in path
         clip_from_config(cfg)

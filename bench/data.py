@@ -27,7 +27,7 @@ from bench.harness import REPO_ROOT, environment_info, markdown_table, write_res
 from reprogrammer.data import build_dataset
 from reprogrammer.data.cache import CachedImageDataset, write_cache
 from reprogrammer.data.loaders import FileLoader, default_workers, make_loader
-from reprogrammer.runtime import to_float_images
+from reprogrammer.runtime import to_device_images
 
 
 def fabricate(folder: Path, n: int, source: int, seed: int = 0) -> None:
@@ -47,7 +47,7 @@ def epochs_rate(loader, n_images: int, device: torch.device, epochs: int) -> dic
         start = time.perf_counter()
         seen = 0
         for images, labels, _ in loader:
-            images = to_float_images(images, device)
+            images = to_device_images(images, device)
             seen += len(labels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -71,7 +71,7 @@ from reprogrammer.data.loaders import ResidentLoader
 from reprogrammer.methods import MethodConfig
 from reprogrammer.methods.losses import contrastive_focal_loss
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
-from reprogrammer.runtime import autocast, to_float_images
+from reprogrammer.runtime import autocast, to_device_images
 from reprogrammer.towers import encode_patch_tokens
 from reprogrammer.training.optim import reprogrammer_optimizers
 from reprogrammer.training.telemetry import GpuTelemetry
@@ -329,7 +329,7 @@ def loader_rate(batch: int, setup: Setup, epochs: int = 3) -> float:
     for _ in range(epochs):  # the first epoch also builds the resident tensor
         start = time.perf_counter()
         for x, y, _ in loader:
-            x = to_float_images(x, setup.device)
+            x = to_device_images(x, setup.device)
         if setup.device.type == "cuda":
             torch.cuda.synchronize(setup.device)
         best = min(best, time.perf_counter() - start)

@@ -29,7 +29,10 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def to_float_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 batches cross to the device as bytes and are scaled there."""
+def to_device_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device` as the classifiers take it: uint8 stays bytes (the reprogramming ops
+    scale it by 1/255 as they read it, so no float copy of the batch is ever made), anything else
+    becomes fp32 in [0, 1]."""
     images = images.to(device, non_blocking=True)
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+    return images if images.dtype == torch.uint8 else images.float()
+

@@ -286,7 +286,15 @@ def test_validation_draws_no_global_random_numbers():
     from reprogrammer.training.engine import evaluate_accuracy
     from tests.engine_data import colour_dataset
 
-    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 4))
+    class Probe(torch.nn.Module):  # takes batches as the engine passes them: uint8 [B, 3, H, W]
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 12 * 12, 4)
+
+        def forward(self, images):
+            return self.linear(images.flatten(1).float() / 255)
+
+    classifier = Probe()
     torch.manual_seed(0)
     state = torch.get_rng_state()
     accuracy = evaluate_accuracy(classifier, colour_dataset(10, 1), 4, torch.device("cpu"), "fp32", DistInfo())

@@ -269,3 +269,26 @@ def test_step_schedule_multipliers():
     assert lrs == pytest.approx([0.3] * 4 + [0.15] * 3 + [0.06] + [0.03] * 2)
     with pytest.raises(ValueError, match="warm-up"):
         step_scheduled(optimizer, 10, 10)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_takes_uint8_batches_as_the_engine_passes_them(name):
+    """The engine and evaluation hand classifiers uint8 batches (runtime.to_device_images): each
+    method must read them as pixels / 255, the same as the float batch."""
+    clip, tokenizer = tiny_clip(0)
+    cfg = MethodConfig(name=name, up_resolution=20, mr_resolution=11, n_ctx=4)
+    classifier = build_method(clip, tokenizer, CLASSNAMES, cfg).eval()
+    pixels = torch.randint(0, 256, (3, 3, 13, 11), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        from_bytes, from_floats = classifier(pixels), classifier(pixels.double().div(255).float())
+    # fp32 both ways: x * (1/255) and x / 255 differ by at most an ulp before the encoder.
+    torch.testing.assert_close(from_bytes, from_floats, rtol=1e-4, atol=1e-4 * from_floats.abs().max().item())
+
+
+def test_batches_reach_the_device_as_bytes():
+    from reprogrammer.runtime import to_device_images
+
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert to_device_images(pixels, torch.device("cpu")).dtype == torch.uint8
+    floats = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    assert to_device_images(floats, torch.device("cpu")).dtype == torch.float32

@@ -17,7 +17,7 @@ from ..data.images import base_dataset
 from ..data.loaders import eval_loader
 from ..data.suites import EvalSets
 from ..model import Reprogrammer
-from ..runtime import autocast, to_float_images
+from ..runtime import autocast, to_device_images
 from . import metrics
 
 SCORES = {
@@ -48,7 +48,7 @@ def _batches(dataset, options: EvalOptions, what: str):
         if not len(labels):
             continue
         bar.set_postfix(images=len(labels))
-        yield to_float_images(images, options.device), labels
+        yield to_device_images(images, options.device), labels
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """The training engine: one loop for every method (AMP, torch.compile, DDP, exact resume).
 
-Data arrive as uint8 `[B, 3, H, W]` and become floats in [0, 1] on the device. The global
+Data arrive as uint8 `[B, 3, H, W]` and reach the classifier as bytes on the device (the
+reprogramming ops scale them by 1/255 as they read them). The global
 batch `train.batch_size` is split over ranks and gradient-accumulation micro-batches. Every
 `save_every` steps (default: each epoch) the validation split is scored and a checkpoint is
 written; the best validation accuracy picks the `best` checkpoint. SIGINT/SIGTERM finish the
@@ -24,7 +25,7 @@ from ..data.loaders import eval_loader, make_loader
 from ..data.suites import TrainData
 from ..files import write_json_atomically
 from ..methods import TrainingObjective, build_method
-from ..runtime import autocast, resolve_device, to_float_images
+from ..runtime import autocast, resolve_device, to_device_images
 from . import checkpoint as ckpt
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
 from .rundir import RunDirectory
@@ -59,7 +60,7 @@ def evaluate_accuracy(classifier, dataset, batch_size: int, device, precision: s
     for images, labels, _ in eval_loader(dataset, batch_size, device, indices=shard, num_workers=num_workers,
                                          budget_gb=budget_gb):
         with autocast(device, precision):
-            logits = classifier(to_float_images(images, device))
+            logits = classifier(to_device_images(images, device))
         counts[0] += (logits.argmax(-1).cpu() == labels).sum().item()
         counts[1] += len(labels)
     classifier.train()
@@ -172,7 +173,7 @@ def _train(cfg, run_dir, data, resume, clip, progress, info, device, run):
                     images, labels, skipped = next(batches)
                     if skipped:  # unreadable files: dropped from the batch, counted, fatal past a limit
                         base_dataset(data.train).record_skipped(skipped)
-                    images, labels = to_float_images(images, device), labels.to(device, non_blocking=True)
+                    images, labels = to_device_images(images, device), labels.to(device, non_blocking=True)
                     sync = contextlib.nullcontext() if micro == tcfg.grad_accum - 1 or not info.enabled \
                         else objective.no_sync()
                     with sync:

@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a part."""
+"""Files written atomically (a reader sees the old file or the whole new one, never a part) and
+content hashes."""
+import hashlib
 import json
 import os
 import tempfile
@@ -24,3 +26,12 @@ def write_atomically(path, write: Callable[[Path], None]) -> None:
 
 def write_json_atomically(path, data) -> None:
     write_atomically(path, lambda temp: temp.write_text(json.dumps(data, indent=2)))
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import kernels
 from ..clip import image_normalisation, load_clip, save_clip
 from ..constants import DEFAULT_TEMPLATE
-from ..files import write_atomically
+from ..files import file_sha256, write_atomically
 from ..methods.features import ImageTower, canvas_size, zero_shot_text_features
 from ..training.optim import scheduled
 from . import world as shapeworld
@@ -284,14 +284,6 @@ def config_hash(cfg: PretrainConfig) -> str:
 def _paths(cfg: PretrainConfig) -> tuple[Path, Path]:
     stem = cache_dir() / config_hash(cfg)
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _default_config(name: str, config: Optional[PretrainConfig]) -> PretrainConfig:

@@ -18,13 +18,12 @@ import yaml
 from safetensors.torch import save_file
 
 from ..clip import load_clip
-from ..files import write_atomically, write_json_atomically
+from ..files import file_sha256, write_atomically, write_json_atomically
 from . import world as shapeworld
 from .pretrain import (
     PretrainConfig,
     cached_report,
     evaluate_zero_shot,
-    file_sha256,
     load_shapeworld_clip,
     pretrain_shapeworld,
     zero_shot_accuracy,

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from ..files import write_json_atomically
+from ..files import file_sha256, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def save_checkpoint(run_dir: Path, step: int, classifier, optimizers, schedulers
     try:
         for file, tensors in zip(TENSOR_FILES, (classifier.learned_state(), training_tensors)):
             save_file(_contiguous(tensors), str(tmp / file))
-        meta["sha256"] = {file: _sha256(tmp / file) for file in TENSOR_FILES}
+        meta["sha256"] = {file: file_sha256(tmp / file) for file in TENSOR_FILES}
         write_json_atomically(tmp / "meta.json", meta)
         if final.exists():
             shutil.rmtree(final)
@@ -128,14 +128,6 @@ def save_checkpoint(run_dir: Path, step: int, classifier, optimizers, schedulers
                               "(or raise the file-size limit) and continue with --resume") from error
     _prune(root, keep)
     return final
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -31,7 +31,8 @@
 # Nothing is installed that was not carried: the wheels go to /tmp/site without dependencies
 # or an index, and the project itself is installed editable with the image's own setuptools
 # (`pip install --no-deps --no-build-isolation --no-index -e .`); if the image's setuptools
-# cannot build it, PYTHONPATH points at the checkout instead, and the log says so.
+# cannot build it, PYTHONPATH points at the checkout (with kernels/ and export/ linked into
+# reprogrammer/ for the run), and the log says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,8 +59,14 @@ export PYTHONPATH="$PYTHONPATH_EXTRA"
 if python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1; then
     echo "project installed editable (pip -e ., the image's setuptools)" | tee -a "$LOG"
 else
+    # Without the editable install's finder, reprogrammer.kernels / reprogrammer.export are found
+    # through links placed where they are installed, removed again when this script exits.
     echo "WARNING: pip install -e . failed with the image's setuptools (see the log);" \
-         "using PYTHONPATH=$PWD instead" | tee -a "$LOG"
+         "using PYTHONPATH=$PWD with reprogrammer/kernels and reprogrammer/export linked" | tee -a "$LOG"
+    for name in kernels export; do
+        [ -e "reprogrammer/$name" ] || ln -s "../$name" "reprogrammer/$name"
+    done
+    trap 'rm -f reprogrammer/kernels reprogrammer/export' EXIT
     export PYTHONPATH="${PYTHONPATH_EXTRA:+$PYTHONPATH_EXTRA:}$PWD"
 fi
 

@@ -49,3 +49,14 @@ def test_sweep_rows_differ_across_alpha():
     logits = {alpha: features.logits(alpha)["test"] for alpha in (0.0, 0.5, 1.0)}
     assert not np.allclose(logits[0.0], logits[1.0])
     assert not np.allclose(logits[0.5], logits[1.0])
+
+
+def test_eval_options_resolve_the_configured_device(monkeypatch):
+    """`eval` picks this process's GPU as training does (resolve_device takes a local rank)."""
+    from reprogrammer.config import load_config
+    from reprogrammer.evaluation import run_eval
+
+    seen = []
+    monkeypatch.setattr(run_eval, "resolve_device", lambda *args: seen.append(args) or torch.device("cpu"))
+    options = run_eval.eval_options(load_config(None, ("train.device=cuda",)))
+    assert options.device == torch.device("cpu") and seen == [("cuda",)]

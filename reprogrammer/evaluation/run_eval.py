@@ -3,7 +3,6 @@ import logging
 
 from ..model import Reprogrammer
 from ..runtime import resolve_device
-from ..training.distributed import DistInfo
 from . import metrics
 from .evaluate import (
     EvalOptions,
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def eval_options(cfg, *, progress=True) -> EvalOptions:
-    device = resolve_device(cfg.train.device, DistInfo())
+    device = resolve_device(cfg.train.device)
     return EvalOptions(device=device, precision=cfg.train.precision, batch_size=cfg.eval.batch_size,
                        temperature=cfg.eval.temperature, bootstrap=cfg.eval.bootstrap,
                        num_workers=cfg.eval.num_workers, progress=progress)

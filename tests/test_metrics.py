@@ -508,3 +508,74 @@ def test_restrict_to_classes_brute_force_and_errors():
         restrict_to_classes(np.zeros((7, 8)), np.array([0, 2, 3, 5, 6, 7, 1]), [1, 4])
     with pytest.raises(ValueError, match=r"^expected 3 integer labels"):
         restrict_to_classes(logits, np.array([1, 4]), [1, 4])
+
+
+# ----------------------------------------------------------------------------- defaults, warnings, bootstrap
+
+import warnings  # noqa: E402
+
+
+def test_ece_default_is_15_bins_and_over_one_confidences_share_the_last_bin():
+    rng = np.random.default_rng(15)
+    logits = rng.normal(0, 2, (80, 4))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 4, 80)
+    assert expected_calibration_error(probs, labels) == pytest.approx(brute_ece(probs, labels, 15), abs=1e-12)
+    assert expected_calibration_error(probs, labels) != pytest.approx(brute_ece(probs, labels, 16), abs=1e-12)
+    # Scores above 1 are clipped into the last bin: gaps -0.5 and +0.5 cancel there.
+    scores = np.array([[1.5, 0.0], [0.5, 0.0]])
+    assert expected_calibration_error(scores, np.array([0, 0]), n_bins=1) == pytest.approx(0.0, abs=1e-15)
+    assert expected_calibration_error(scores, np.array([0, 0]), n_bins=2) == pytest.approx(0.5, abs=1e-15)
+
+
+def test_absent_classes_and_empty_inputs_raise_no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = per_class_accuracy(np.array([0, 1]), np.array([0, 0]), 3)
+        assert got[0] == 0.5 and np.isnan(got[1]) and np.isnan(got[2])
+        empty = topk_accuracy(np.zeros((0, 2)), np.zeros(0, dtype=int), k=1)
+        assert np.isnan(empty[1])
+
+
+def test_restrict_to_consecutive_classes():
+    logits = np.arange(12.0).reshape(2, 6)
+    sub, pos = restrict_to_classes(logits, np.array([2, 3]), np.array([1, 2, 3]))
+    assert sub.tolist() == [[1.0, 2.0, 3.0], [7.0, 8.0, 9.0]] and pos.tolist() == [1, 2]
+
+
+def test_which_score_set_is_bad_is_named():
+    with pytest.raises(ValueError, match=r"^ID scores are empty"):
+        ood_metrics([], [0.3])
+    with pytest.raises(ValueError, match=r"^OOD scores contain NaN or infinite values"):
+        roc_curve([0.1], [np.nan])
+    with pytest.raises(ValueError, match=r"^ID scores contain NaN or infinite values"):
+        ood_metrics([np.nan], [0.3])
+
+
+def brute_metrics(id_scores, ood_scores):
+    return {
+        "fpr95": brute_fpr95(id_scores, ood_scores),
+        "auroc": brute_auroc(id_scores, ood_scores),
+        "aupr_in": brute_average_precision(id_scores, ood_scores),
+        "aupr_out": brute_average_precision(-ood_scores, -id_scores),
+        "detection_error": brute_detection_error(id_scores, ood_scores),
+    }
+
+
+def test_bootstrap_matches_brute_force_resampling():
+    # Documented protocol: generator seeded with `seed` (default 0); per resample, N_id indices into
+    # the sorted ID scores, then N_ood into the sorted OOD scores; 2.5 / 97.5 percentiles.
+    rng = np.random.default_rng(21)
+    id_scores, ood_scores = random_scores(rng, 13, 11, tied=True)
+    id_sorted, ood_sorted = np.sort(id_scores), np.sort(ood_scores)
+    draws = {name: [] for name in OOD_METRIC_NAMES}
+    gen = np.random.default_rng(0)
+    for _ in range(40):
+        id_b = id_sorted[gen.integers(0, id_sorted.size, id_sorted.size)]
+        ood_b = ood_sorted[gen.integers(0, ood_sorted.size, ood_sorted.size)]
+        for name, value in brute_metrics(id_b, ood_b).items():
+            draws[name].append(value)
+    got = ood_metrics(id_scores, ood_scores, bootstrap=40)
+    for name in OOD_METRIC_NAMES:
+        assert got["ci"][name] == pytest.approx(list(np.percentile(draws[name], [2.5, 97.5])), abs=1e-12)
+    assert got == ood_metrics(id_scores, ood_scores, bootstrap=40, seed=0)

@@ -219,3 +219,363 @@ def test_restrict_to_classes():
         assert subset[sub_labels[row]] == labels[row]
     with pytest.raises(ValueError, match=r"labels \[3\] are not among"):
         restrict_to_classes(logits[:3], np.array([2, 3, 16]), subset)
+
+
+# ----------------------------------------------------------------------------- independent oracles, edge cases
+
+from reprogrammer.evaluation.metrics import fpr95_threshold, to_numpy  # noqa: E402
+
+
+def brute_threshold(id_scores):
+    return sorted(float(s) for s in id_scores)[round(0.05 * len(id_scores))]
+
+
+@pytest.mark.parametrize("n_id", [1, 9, 10, 11, 29, 30, 31, 50, 101])
+def test_fpr95_threshold_matches_sorted_list(n_id):
+    rng = np.random.default_rng(n_id)
+    scores = rng.normal(size=n_id)
+    assert fpr95_threshold(scores) == brute_threshold(scores)
+    assert fpr95_threshold(torch.from_numpy(scores)) == brute_threshold(scores)
+    ood = rng.normal(size=17)
+    expected = sum(o > brute_threshold(scores) for o in ood.tolist()) / 17
+    assert ood_metrics(scores, ood)["fpr95"] == pytest.approx(expected, abs=1e-15)
+
+
+def test_fpr95_threshold_rejects_bad_scores():
+    with pytest.raises(ValueError, match=r"^ID scores are empty: OOD metrics need at least one ID and one OOD score$"):
+        fpr95_threshold([])
+    with pytest.raises(ValueError, match=r"^ID scores contain NaN or infinite values; check the logits that produced them$"):
+        fpr95_threshold([0.1, np.inf])
+
+
+def test_score_validation_messages():
+    with pytest.raises(ValueError, match=r"^OOD scores are empty: OOD metrics need at least one ID and one OOD score$"):
+        ood_metrics([0.3], [])
+    with pytest.raises(ValueError, match=r"^OOD scores contain NaN or infinite values; check the logits"):
+        ood_metrics([0.3], [0.1, -np.inf])
+    with pytest.raises(ValueError, match=r"^ID scores contain NaN"):
+        roc_curve([np.nan], [0.1])
+    with pytest.raises(ValueError, match=r"^bootstrap must be >= 0 resamples, got -1$"):
+        ood_metrics([0.3, 0.4], [0.1], bootstrap=-1)
+
+
+def test_multi_dim_scores_are_flattened():
+    rng = np.random.default_rng(8)
+    id_scores, ood_scores = rng.normal(1, 1, 24), rng.normal(0, 1, 12)
+    flat = ood_metrics(id_scores, ood_scores)
+    assert ood_metrics(id_scores.reshape(4, 6), ood_scores.reshape(3, 2, 2)) == flat
+    assert flat["auroc"] == pytest.approx(brute_auroc(id_scores, ood_scores), abs=1e-12)
+
+
+def test_float32_scores_are_computed_in_float64():
+    # 1 + 2**-30 and 1 are distinct in float64; in float32 they tie.
+    id_scores = torch.tensor([1.0 + 2.0**-30], dtype=torch.float64)
+    ood_scores = np.array([1.0], dtype=np.float64)
+    assert ood_metrics(id_scores, ood_scores)["auroc"] == 1.0
+    assert max_logit_score(np.ones((2, 3), dtype=np.float32)).dtype == np.float64
+    assert mcm_score(np.zeros((2, 4), dtype=np.float32), 1.0).dtype == np.float64
+
+
+def brute_roc(id_scores, ood_scores):
+    fprs, tprs = [0.0], [0.0]
+    for t in sorted(set(id_scores) | set(ood_scores), reverse=True):
+        tprs.append(sum(s >= t for s in id_scores) / len(id_scores))
+        fprs.append(sum(s >= t for s in ood_scores) / len(ood_scores))
+    return fprs, tprs
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_roc_curve_matches_threshold_sweep_with_ties(case):
+    rng = np.random.default_rng(100 + case)
+    id_scores = rng.integers(0, 5, 3 + 4 * case).astype(float).tolist()
+    ood_scores = rng.integers(-2, 3, 2 + 3 * case).astype(float).tolist()
+    fpr, tpr = roc_curve(id_scores, ood_scores)
+    bf, bt = brute_roc(id_scores, ood_scores)
+    np.testing.assert_allclose(fpr, bf, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(tpr, bt, rtol=0, atol=1e-15)
+    got = ood_metrics(id_scores, ood_scores)
+    i, o = np.array(id_scores), np.array(ood_scores)
+    assert got["auroc"] == pytest.approx(brute_auroc(i, o), abs=1e-12)
+    assert got["aupr_in"] == pytest.approx(brute_average_precision(i, o), abs=1e-12)
+    assert got["aupr_out"] == pytest.approx(brute_average_precision(-o, -i), abs=1e-12)
+    assert got["detection_error"] == pytest.approx(brute_detection_error(i, o), abs=1e-12)
+
+
+def test_ood_metrics_small_hand_cases():
+    # One ID, one OOD, tied: AUROC 1/2; keep-all keeps the OOD, keep-nothing misses the ID.
+    got = ood_metrics([1.0], [1.0])
+    assert got == {"fpr95": 0.0, "auroc": 0.5, "aupr_in": 0.5, "aupr_out": 0.5, "detection_error": 0.5}
+    got = ood_metrics([2.0, 3.0], [1.0])
+    assert got == {"fpr95": 0.0, "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "detection_error": 0.0}
+    # ID [1, 3], OOD [2]: sweep 3 -> P 1; 2 -> P 1/2 (recall 1/2 each step): AP = 1/2 + 1/2 * 2/3.
+    got = ood_metrics([1.0, 3.0], [2.0])
+    assert got["aupr_in"] == pytest.approx(0.5 + 0.5 * 2 / 3, abs=1e-15)
+    assert got["auroc"] == 0.5 and got["fpr95"] == 1.0
+    assert got["detection_error"] == pytest.approx(1 / 3, abs=1e-15)
+    # OOD positive with negated scores: -2 first (one OOD, no ID): AP 1.
+    assert got["aupr_out"] == pytest.approx(brute_average_precision(np.array([-2.0]), np.array([-1.0, -3.0])))
+
+
+def test_mean_ood_metrics_errors_and_values():
+    with pytest.raises(ValueError, match=r"^no per-OOD-set metrics to average$"):
+        mean_ood_metrics({})
+    with pytest.raises(ValueError, match=r"^no per-OOD-set metrics to average$"):
+        mean_ood_metrics([])
+    full = dict.fromkeys(OOD_METRIC_NAMES, 0.5)
+    partial = {k: 0.1 for k in OOD_METRIC_NAMES if k != "auroc"}
+    with pytest.raises(ValueError, match=r"missing \['auroc'\]$"):
+        mean_ood_metrics([full, partial])
+    with pytest.raises(ValueError, match=r"^every per-set dict needs the metrics "):
+        mean_ood_metrics({"a": partial})
+    got = mean_ood_metrics([full, dict.fromkeys(OOD_METRIC_NAMES, 0.25), dict.fromkeys(OOD_METRIC_NAMES, 0.0)])
+    assert got == {k: 0.25 for k in OOD_METRIC_NAMES}
+    assert all(type(v) is float for v in got.values())
+
+
+# ----------------------------------------------------------------------------- conversion and validation
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_numpy_half_precision_is_lossless_float32(dtype):
+    t = torch.tensor([0.1, -3.5, 1e-3, 7.0], dtype=dtype)
+    out = to_numpy(t)
+    assert out.dtype == np.float32
+    assert out.tolist() == [float(v) for v in t.tolist()]
+
+
+def test_to_numpy_keeps_wide_and_integer_dtypes():
+    assert to_numpy(torch.tensor([0.1], dtype=torch.float64)).dtype == np.float64
+    assert to_numpy(torch.tensor([0.1], dtype=torch.float64)).tolist() == [0.1]
+    assert to_numpy(torch.tensor([0.5], dtype=torch.float32)).dtype == np.float32
+    assert to_numpy(torch.tensor([3], dtype=torch.int16)).dtype == np.int16
+    assert to_numpy(torch.tensor([3], dtype=torch.uint8)).dtype == np.uint8
+    grad = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert to_numpy(grad * 2).tolist() == [2.0, 4.0]
+    assert to_numpy([[1, 2]]).shape == (1, 2)
+
+
+def test_logits_and_labels_validation_messages():
+    with pytest.raises(ValueError, match=r"^expected a \[N, C\] array of per-class scores with C >= 1, got shape \(3,\)$"):
+        topk_accuracy(np.ones(3), np.zeros(3, dtype=int), k=1)
+    with pytest.raises(ValueError, match=r"got shape \(2, 0\)$"):
+        expected_calibration_error(np.ones((2, 0)), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match=r"got shape \(1, 2, 3\)$"):
+        mcm_score(np.ones((1, 2, 3)), 1.0)
+    with pytest.raises(ValueError, match=r"^expected 2 integer labels of shape \[2\], got dtype float64 shape \(2,\)$"):
+        topk_accuracy(np.ones((2, 3)), np.zeros(2), k=1)
+    with pytest.raises(ValueError, match=r"^expected 2 integer labels of shape \[2\], got dtype int64 shape \(3,\)$"):
+        topk_accuracy(np.ones((2, 3)), np.zeros(3, dtype=np.int64), k=1)
+    with pytest.raises(ValueError, match=r"got dtype int64 shape \(2, 1\)$"):
+        per_class_accuracy(np.zeros(2, dtype=int), np.zeros((2, 1), dtype=np.int64), 3)
+    # 1 x 1 logits are a valid [N, C] array
+    assert topk_accuracy(np.ones((1, 1)), np.zeros(1, dtype=int), k=1) == {1: 1.0}
+
+
+# ----------------------------------------------------------------------------- top-k
+
+def brute_topk(scores, labels, k):
+    hits = 0
+    for row, label in zip(scores.tolist(), labels.tolist()):
+        order = sorted(range(len(row)), key=lambda c: (-row[c], c))   # stable: ties to the lower index
+        hits += label in order[:k]
+    return hits / len(labels)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_topk_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, (40, 6)).astype(np.float32)   # many ties
+    labels = rng.integers(0, 6, 40).astype(np.int32)
+    got = topk_accuracy(torch.from_numpy(scores), torch.from_numpy(labels), k=[1, 2, 3, 6])
+    assert got == {k: pytest.approx(brute_topk(scores, labels, k), abs=1e-15) for k in (1, 2, 3, 6)}
+    assert got[6] == 1.0
+
+
+def test_topk_validation():
+    scores, labels = np.zeros((2, 3)), np.array([0, 2])
+    assert topk_accuracy(scores, labels, k=3) == {3: 1.0}
+    assert topk_accuracy(scores, labels, k=1) == {1: 0.5}
+    with pytest.raises(ValueError, match=r"^every k must lie in \[1, 3\] \(the number of classes\), got \(4,\)$"):
+        topk_accuracy(scores, labels, k=4)
+    with pytest.raises(ValueError, match=r"got \(0,\)$"):
+        topk_accuracy(scores, labels, k=0)
+    with pytest.raises(ValueError, match=r"got \(\)$"):
+        topk_accuracy(scores, labels, k=[])
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 3\), got range \[0, 3\]$"):
+        topk_accuracy(scores, np.array([0, 3]), k=1)
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 3\), got range \[-1, 2\]$"):
+        topk_accuracy(scores, np.array([-1, 2]), k=1)
+    empty = topk_accuracy(np.zeros((0, 3)), np.zeros(0, dtype=int), k=(1, 2))
+    assert list(empty) == [1, 2] and all(np.isnan(v) for v in empty.values())
+
+
+# ----------------------------------------------------------------------------- per-class accuracy
+
+def test_per_class_accuracy_brute_force_absent_classes():
+    rng = np.random.default_rng(6)
+    labels = rng.choice([0, 2, 3, 6], 50)
+    pred = np.where(rng.random(50) < 0.6, labels, rng.integers(0, 8, 50))
+    got = per_class_accuracy(torch.from_numpy(pred), labels, num_classes=8)
+    assert got.shape == (8,) and got.dtype == np.float64
+    for c in range(8):
+        idx = [i for i in range(50) if labels[i] == c]
+        if idx:
+            assert got[c] == pytest.approx(sum(pred[i] == c for i in idx) / len(idx), abs=1e-15)
+        else:
+            assert np.isnan(got[c])
+
+
+def test_per_class_accuracy_validation():
+    with pytest.raises(ValueError, match=r"^pred must be 1-D class ids \(take argmax of logits first\), got shape \(2, 2\)$"):
+        per_class_accuracy(np.zeros((2, 2)), np.zeros(2, dtype=int), 2)
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 2\), got range \[0, 2\]$"):
+        per_class_accuracy(np.zeros(2, dtype=int), np.array([0, 2]), 2)
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 2\), got range \[-1, 1\]$"):
+        per_class_accuracy(np.zeros(2, dtype=int), np.array([-1, 1]), 2)
+    empty = per_class_accuracy(np.zeros(0, dtype=int), np.zeros(0, dtype=int), 3)
+    assert empty.shape == (3,) and np.isnan(empty).all()
+    assert per_class_accuracy(np.array([1]), np.array([1]), 2).tolist()[1] == 1.0
+
+
+# ----------------------------------------------------------------------------- ECE
+
+def brute_ece(probs, labels, n_bins):
+    """Bins (i/n, (i+1)/n]; a confidence of 0 goes to the first bin."""
+    bins = [[] for _ in range(n_bins)]
+    for row, label in zip(probs.tolist(), labels.tolist()):
+        conf = max(row)
+        pred = row.index(conf)
+        b = next(i for i in range(n_bins) if conf <= (i + 1) / n_bins)
+        bins[b].append((conf, pred == label))
+    total = 0.0
+    for members in bins:
+        if members:
+            acc = sum(c for _, c in members) / len(members)
+            mean_conf = sum(conf for conf, _ in members) / len(members)
+            total += len(members) / len(labels) * abs(acc - mean_conf)
+    return total
+
+
+@pytest.mark.parametrize("n_bins", [1, 2, 4, 8, 15])
+def test_ece_matches_brute_force(n_bins):
+    rng = np.random.default_rng(n_bins)
+    logits = rng.normal(0, 2, (60, 5))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 5, 60)
+    got = expected_calibration_error(torch.from_numpy(probs), labels, n_bins=n_bins)
+    assert got == pytest.approx(brute_ece(probs, labels, n_bins), abs=1e-12)
+
+
+def test_ece_edges_empty_bins_and_one_bin():
+    # Confidences exactly on edges (exact in binary with 4 bins): 0.25 | 0.5 | 0.75 | 1.0 close their bins.
+    probs = np.array([[0.25, 0.0], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0], [0.0, 0.0]])
+    labels = np.array([1, 0, 0, 1, 0])
+    # bins (4): [0.25 wrong, 0.0 right], [0.5 right], [0.75 right], [1.0 wrong]
+    expected = (2 / 5 * abs(0.5 - 0.125) + 1 / 5 * abs(1 - 0.5) + 1 / 5 * abs(1 - 0.75) + 1 / 5 * abs(0 - 1.0))
+    assert expected_calibration_error(probs, labels, n_bins=4) == pytest.approx(expected, abs=1e-15)
+    assert expected == pytest.approx(brute_ece(probs, labels, 4), abs=1e-15)
+    # 2 bins: 0.5 closes the first bin.
+    expected2 = 3 / 5 * abs(2 / 3 - 0.25) + 2 / 5 * abs(0.5 - 0.875)
+    assert expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(expected2, abs=1e-15)
+    # One bin: |accuracy - mean confidence|.
+    assert expected_calibration_error(probs, labels, n_bins=1) == pytest.approx(abs(3 / 5 - 2.5 / 5), abs=1e-15)
+    # Many empty bins, single sample.
+    assert expected_calibration_error(np.array([[0.3, 0.7]]), np.array([1]), n_bins=10) == pytest.approx(0.3, abs=1e-15)
+    assert expected_calibration_error(np.array([[0.3, 0.7]]), np.array([0]), n_bins=10) == pytest.approx(0.7, abs=1e-15)
+    with pytest.raises(ValueError, match=r"^n_bins must be >= 1, got 0$"):
+        expected_calibration_error(probs, labels, n_bins=0)
+
+
+# ----------------------------------------------------------------------------- restrict_to_classes
+
+def test_restrict_to_classes_brute_force_and_errors():
+    logits = np.arange(24.0).reshape(3, 8)
+    sub, pos = restrict_to_classes(logits, np.array([7, 1, 4]), [1, 4, 7])
+    assert sub.tolist() == [[row[c] for c in (1, 4, 7)] for row in logits.tolist()]
+    assert pos.tolist() == [2, 0, 1]
+    sub, pos = restrict_to_classes(logits, np.array([0, 0, 0]), [0])
+    assert sub.shape == (3, 1) and pos.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match=r"^class_indices must be a non-empty, strictly increasing list of class ids$"):
+        restrict_to_classes(logits, np.array([1, 1, 1]), [])
+    with pytest.raises(ValueError, match=r"^class_indices must be a non-empty, strictly increasing list"):
+        restrict_to_classes(logits, np.array([1, 1, 1]), [1, 1, 4])
+    with pytest.raises(ValueError, match=r"^class_indices must be a non-empty, strictly increasing list"):
+        restrict_to_classes(logits, np.array([1, 1, 1]), [4, 1])
+    # A label above the largest class id (searchsorted past the end) is reported, not an IndexError.
+    with pytest.raises(ValueError, match=r"^labels \[7\] are not among class_indices$"):
+        restrict_to_classes(logits, np.array([7, 1, 4]), [1, 4])
+    # At most five missing labels are listed.
+    with pytest.raises(ValueError, match=r"^labels \[0 2 3 5 6\] are not among class_indices$"):
+        restrict_to_classes(np.zeros((7, 8)), np.array([0, 2, 3, 5, 6, 7, 1]), [1, 4])
+    with pytest.raises(ValueError, match=r"^expected 3 integer labels"):
+        restrict_to_classes(logits, np.array([1, 4]), [1, 4])
+
+
+# ----------------------------------------------------------------------------- defaults, warnings, bootstrap
+
+import warnings  # noqa: E402
+
+
+def test_ece_default_is_15_bins_and_over_one_confidences_share_the_last_bin():
+    rng = np.random.default_rng(15)
+    logits = rng.normal(0, 2, (80, 4))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 4, 80)
+    assert expected_calibration_error(probs, labels) == pytest.approx(brute_ece(probs, labels, 15), abs=1e-12)
+    assert expected_calibration_error(probs, labels) != pytest.approx(brute_ece(probs, labels, 16), abs=1e-12)
+    # Scores above 1 are clipped into the last bin: gaps -0.5 and +0.5 cancel there.
+    scores = np.array([[1.5, 0.0], [0.5, 0.0]])
+    assert expected_calibration_error(scores, np.array([0, 0]), n_bins=1) == pytest.approx(0.0, abs=1e-15)
+    assert expected_calibration_error(scores, np.array([0, 0]), n_bins=2) == pytest.approx(0.5, abs=1e-15)
+
+
+def test_absent_classes_and_empty_inputs_raise_no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = per_class_accuracy(np.array([0, 1]), np.array([0, 0]), 3)
+        assert got[0] == 0.5 and np.isnan(got[1]) and np.isnan(got[2])
+        empty = topk_accuracy(np.zeros((0, 2)), np.zeros(0, dtype=int), k=1)
+        assert np.isnan(empty[1])
+
+
+def test_restrict_to_consecutive_classes():
+    logits = np.arange(12.0).reshape(2, 6)
+    sub, pos = restrict_to_classes(logits, np.array([2, 3]), np.array([1, 2, 3]))
+    assert sub.tolist() == [[1.0, 2.0, 3.0], [7.0, 8.0, 9.0]] and pos.tolist() == [1, 2]
+
+
+def test_which_score_set_is_bad_is_named():
+    with pytest.raises(ValueError, match=r"^ID scores are empty"):
+        ood_metrics([], [0.3])
+    with pytest.raises(ValueError, match=r"^OOD scores contain NaN or infinite values"):
+        roc_curve([0.1], [np.nan])
+    with pytest.raises(ValueError, match=r"^ID scores contain NaN or infinite values"):
+        ood_metrics([np.nan], [0.3])
+
+
+def brute_metrics(id_scores, ood_scores):
+    return {
+        "fpr95": brute_fpr95(id_scores, ood_scores),
+        "auroc": brute_auroc(id_scores, ood_scores),
+        "aupr_in": brute_average_precision(id_scores, ood_scores),
+        "aupr_out": brute_average_precision(-ood_scores, -id_scores),
+        "detection_error": brute_detection_error(id_scores, ood_scores),
+    }
+
+
+def test_bootstrap_matches_brute_force_resampling():
+    # Documented protocol: generator seeded with `seed` (default 0); per resample, N_id indices into
+    # the sorted ID scores, then N_ood into the sorted OOD scores; 2.5 / 97.5 percentiles.
+    rng = np.random.default_rng(21)
+    id_scores, ood_scores = random_scores(rng, 13, 11, tied=True)
+    id_sorted, ood_sorted = np.sort(id_scores), np.sort(ood_scores)
+    draws = {name: [] for name in OOD_METRIC_NAMES}
+    gen = np.random.default_rng(0)
+    for _ in range(40):
+        id_b = id_sorted[gen.integers(0, id_sorted.size, id_sorted.size)]
+        ood_b = ood_sorted[gen.integers(0, ood_sorted.size, ood_sorted.size)]
+        for name, value in brute_metrics(id_b, ood_b).items():
+            draws[name].append(value)
+    got = ood_metrics(id_scores, ood_scores, bootstrap=40)
+    for name in OOD_METRIC_NAMES:
+        assert got["ci"][name] == pytest.approx(list(np.percentile(draws[name], [2.5, 97.5])), abs=1e-12)
+    assert got == ood_metrics(id_scores, ood_scores, bootstrap=40, seed=0)

@@ -73,7 +73,7 @@ from reprogrammer.methods.losses import contrastive_focal_loss
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
 from reprogrammer.runtime import autocast, to_device_images
 from reprogrammer.towers import encode_patch_tokens
-from reprogrammer.training.optim import reprogrammer_optimizers
+from reprogrammer.methods.optim import reprogrammer_optimizers
 from reprogrammer.training.telemetry import GpuTelemetry
 
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

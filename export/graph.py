@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from open_clip.transformer import VisionTransformer
 
-from ..constants import MCM_TEMPERATURE
-from ..kernels import blend, reprogram_patch_embed_ref
-from ..model import Reprogrammer
-from ..towers import encode_patch_tokens, vision_tower
+from reprogrammer.constants import MCM_TEMPERATURE
+from reprogrammer.kernels import blend, reprogram_patch_embed_ref
+from reprogrammer.model import Reprogrammer
+from reprogrammer.towers import encode_patch_tokens, vision_tower
 
 OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "prediction")
 

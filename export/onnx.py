@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 import torch
 
-from ..constants import MCM_TEMPERATURE
-from ..evaluation.metrics import fpr95_threshold
+from reprogrammer.constants import MCM_TEMPERATURE
+from reprogrammer.evaluation.metrics import fpr95_threshold
 from . import metadata as meta
 from .graph import OUTPUT_NAMES, ExportableClassifier, check_exportable
 from .predict import check_images

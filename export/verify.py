@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..constants import MCM_TEMPERATURE
-from ..kernels import use_backend
+from reprogrammer.constants import MCM_TEMPERATURE
+from reprogrammer.kernels import use_backend
 from .graph import OUTPUT_NAMES
 
 log = logging.getLogger(__name__)

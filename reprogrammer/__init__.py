@@ -17,7 +17,7 @@ _PUBLIC = {
     "Reprogrammer": "reprogrammer.model",
     "train": "reprogrammer.api",
     "evaluate": "reprogrammer.api",
-    "load_run": "reprogrammer.training.restore",
+    "load_run": "reprogrammer.runs.restore",
     "export_onnx": "reprogrammer.export",
 }
 __all__ = list(_PUBLIC)

@@ -22,7 +22,7 @@ def train(config: Union[str, Path, Config, None] = "default", out: Union[str, Pa
     continued with `resume` or replaced with `overwrite`, and refused otherwise."""
     from .data.suites import build_train_data
     from .training.engine import train as train_engine
-    from .training.restore import clip_from_config
+    from .clip import clip_from_config
 
     cfg = _config(config, overrides)
     return train_engine(cfg, out, build_train_data(cfg), clip=clip_from_config(cfg), resume=resume,

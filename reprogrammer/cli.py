@@ -35,7 +35,7 @@ def _export(args) -> int:
     from .data.images import SkippedSample
     from .data.suites import build_train_data
     from .export import export_onnx
-    from .training.restore import load_run, with_user_data_paths
+    from .runs.restore import load_run, with_user_data_paths
 
     classifier, cfg, meta = load_run(args.checkpoint, args.which)
     if args.calibration_samples < 0:

@@ -1,21 +1,32 @@
 """Loading CLIP models: any open_clip architecture, plus the toolkit's small ones.
 
 `pretrained` may be an open_clip tag (downloaded where the hub is reachable), a local checkpoint
-file (open_clip's `.pt`/`.bin`/`.safetensors` formats), or None for random weights. Models named
+file (open_clip's `.pt`/`.bin`/`.safetensors` formats), `"shapeworld"` for the toolkit's own
+weights shipped with the package (`weights/`, hash-checked; built-in architectures only), or None
+for random weights. Models named
 `hf-hub:ORG/REPO` or `local-dir:PATH` (a folder with open_clip's `open_clip_config.json` and a
 weights file such as `open_clip_model.safetensors`) carry their own weights: `pretrained` stays None.
 """
+import json
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import open_clip
+import torch
 
+from .config import Config, ConfigError
 from .constants import CLIP_MEAN, CLIP_STD
+from .files import file_sha256
 
 # `RP-ViT-Tiny` (tests) and `RP-ViT-Small` (the built-in default) are ordinary open_clip configs.
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
+BUILT_IN = ("RP-ViT-Tiny", "RP-ViT-Small")
+#: The shape-world weights shipped with the package: `<model>.safetensors` (fp16) and `<model>.json`,
+#: their record (pretraining config, command, SHA-256, zero-shot accuracy; see shapeworld/shipped.py).
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SHIPPED = "shapeworld"
 SELF_CONTAINED = ("hf-hub:", "local-dir:")
 # The weight files open_clip 3.x looks for in a local-dir folder (factory._find_checkpoint_in_dir).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
@@ -33,8 +44,35 @@ def _random_weights(name: str) -> bool:
     return True
 
 
+def shipped_record(name: str) -> Optional[dict]:
+    """The record of `name`'s shipped weights, or None when none ship with the package."""
+    path = WEIGHTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shipped_weights(name: str) -> Path:
+    """The checked path of `name`'s shipped weights; loading never pretrains."""
+    if name not in BUILT_IN:
+        raise ConfigError(
+            f"pretrained={SHIPPED} exists only for the built-in architectures {', '.join(BUILT_IN)}, not {name!r}; "
+            "use an open_clip tag (e.g. openai) or a checkpoint file, or null for an hf-hub: or local-dir: model")
+    record = shipped_record(name)
+    if record is None:
+        raise FileNotFoundError(
+            f"no {SHIPPED} weights ship for {name} (only for "
+            f"{', '.join(p.stem for p in sorted(WEIGHTS_DIR.glob('*.json')))}); make them with "
+            f"`reprogrammer pretrain --model {name} --out DIR` and pass pretrained=DIR/{name}.safetensors")
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    if not path.is_file() or file_sha256(path) != record["weights_sha256"]:
+        raise ValueError(f"the shipped weights {path} are missing or do not match their recorded SHA-256; "
+                         "reinstall the package (or rebuild them with `reprogrammer pretrain`)")
+    return path
+
+
 def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cache_dir: Optional[str] = None):
     """Return `(model, tokenizer)` for an open_clip architecture, in eval mode on `device`."""
+    if pretrained == SHIPPED:
+        pretrained = str(shipped_weights(name))
     if name not in open_clip.list_models() and not name.startswith(SELF_CONTAINED):
         raise ValueError(
             f"unknown CLIP architecture {name!r}; use one of open_clip.list_models() "
@@ -56,6 +94,19 @@ def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cach
     model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir)
     model.eval()
     return model, open_clip.get_tokenizer(name)
+
+
+def clip_from_config(cfg: Config, *, device="cpu"):
+    """`(model, tokenizer)` for a run's `model` section.
+
+    `pretrained: null` draws random weights from `train.seed`, so that training, evaluation and
+    export of such a run see the same backbone.
+    """
+    if cfg.model.pretrained is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            return load_clip(cfg.model.name, None, device=device)
+    return load_clip(cfg.model.name, cfg.model.pretrained, device=device)
 
 
 def image_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:

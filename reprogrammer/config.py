@@ -12,7 +12,6 @@ from typing import Any, Optional, Union
 import yaml
 
 from .constants import MCM_TEMPERATURE
-from .methods.base import MethodConfig
 from .runtime import PRECISIONS
 
 PRESETS = Path(__file__).parent / "presets"
@@ -47,6 +46,29 @@ class DataConfig:
     #: shapeworld sizes
     n_train: int = 4000
     n_test: int = 1000
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters of a method; `None` takes the method's own default (the authors')."""
+    name: str = "reprogrammer"
+    template: str = "a photo of a {}"
+    # Reprogrammer
+    up_resolution: Optional[int] = None
+    mr_resolution: Optional[int] = None
+    dropout: float = 0.0
+    alpha: float = 0.4
+    train_residual: bool = False
+    image_lr: float = 5e-3
+    text_lr: float = 5e-4
+    # baselines
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    n_ctx: int = 16
+    wise_alphas: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    lp_epochs: Optional[int] = None
+    # shared
+    warmup_steps: Optional[int] = None
 
 
 @dataclass

@@ -229,7 +229,7 @@ def test_sixteen_bit_greyscale_is_scaled_not_saturated(tmp_path):
 
 def test_export_without_alpha_uses_the_runs_alpha(ctx):
     from reprogrammer.export.predict import OnnxClassifier
-    from reprogrammer.training.restore import load_run
+    from reprogrammer.runs.restore import load_run
 
     assert load_run(ctx["run"])[0].alpha == 0.4 and load_run(ctx["run"], alpha=0.0)[0].alpha == 0.0
     path = ctx["base"] / "exports" / "m.onnx"
@@ -239,7 +239,7 @@ def test_export_without_alpha_uses_the_runs_alpha(ctx):
 
 
 def test_random_backbone_is_drawn_from_the_run_seed():
-    from reprogrammer.training.restore import clip_from_config
+    from reprogrammer.clip import clip_from_config
 
     cfg = load_config(None, ("model.name=RP-ViT-Tiny", "model.pretrained=null", "train.seed=5"))
     torch.manual_seed(0)
@@ -253,7 +253,7 @@ def test_random_backbone_is_drawn_from_the_run_seed():
 
 
 def test_shapeworld_weights_need_a_built_in_model():
-    from reprogrammer.training.restore import clip_from_config
+    from reprogrammer.clip import clip_from_config
 
     with pytest.raises(ConfigError, match="exists only for the built-in"):
         clip_from_config(load_config(None, ("model.name=ViT-B-32", "model.pretrained=shapeworld")))

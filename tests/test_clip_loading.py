@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from reprogrammer.clip import image_normalisation, load_clip
+from reprogrammer.clip import WEIGHTS_DIR, clip_from_config, image_normalisation, load_clip
 from reprogrammer.config import ConfigError, load_config
-from reprogrammer.training.restore import clip_from_config
 from tests.helpers import tiny_clip
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "reprogrammer" / "model_configs" / "RP-ViT-Tiny.json"
@@ -82,16 +81,23 @@ def test_random_weights_still_warn():
     assert any("random weights" in m for m in messages), messages
 
 
-def test_shapeworld_is_only_for_the_built_in_architectures(monkeypatch):
-    def no_builtin(*args, **kwargs):
-        raise AssertionError("the built-in shape-world CLIP was asked for")
+def test_shapeworld_is_only_for_the_built_in_architectures_and_loading_never_trains(monkeypatch):
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("loading a CLIP started a pretraining")
 
-    monkeypatch.setattr("reprogrammer.shapeworld.shipped.builtin_clip", no_builtin)
+    monkeypatch.setattr("reprogrammer.shapeworld.pretrain.pretrain_shapeworld", no_pretraining)
     for name in ("ViT-B-32", "local-dir:/models/tiny"):
         cfg = load_config(None, (f"model.name={name}",))
         assert cfg.model.pretrained == "shapeworld"  # the default
         with pytest.raises(ConfigError, match="only for the built-in architectures RP-ViT-Tiny, RP-ViT-Small"):
             clip_from_config(cfg)
-    cfg = load_config(None, ("model.name=RP-ViT-Tiny",))
-    with pytest.raises(AssertionError, match="built-in shape-world CLIP was asked for"):  # the built-in path
-        clip_from_config(cfg)
+    # A built-in architecture without shipped weights: told how to make them, nothing trains.
+    with pytest.raises(FileNotFoundError, match="reprogrammer pretrain --model RP-ViT-Tiny"):
+        clip_from_config(load_config(None, ("model.name=RP-ViT-Tiny",)))
+
+
+def test_the_shipped_weights_load_by_their_tag():
+    model, _ = load_clip("RP-ViT-Small", "shapeworld")
+    shipped = load_file(WEIGHTS_DIR / "RP-ViT-Small.safetensors")
+    assert set(shipped) == set(model.state_dict())
+    assert all(torch.equal(value.float(), shipped[key].float()) for key, value in model.state_dict().items())

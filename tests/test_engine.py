@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from reprogrammer.config import ConfigError, load_config
 from reprogrammer.methods import build_method
-from reprogrammer.training import checkpoint as ckpt
+from reprogrammer.runs import checkpoint as ckpt
 from reprogrammer.training.engine import TrainingDiverged, train
 from tests.engine_data import train_data
 from tests.helpers import tiny_clip

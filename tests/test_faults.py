@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from reprogrammer.cli import main
-from reprogrammer.training import checkpoint as ckpt
+from reprogrammer.runs import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "tests" / "scripts" / "fault_train.py")
@@ -206,7 +206,7 @@ def flip_bytes(path: Path, count: int = 100, start: int = 200) -> None:
 def test_flipped_bytes_are_detected_and_latest_falls_back(tmp_path, trained, caplog):
     import shutil
 
-    from reprogrammer.training.restore import load_run
+    from reprogrammer.runs.restore import load_run
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)

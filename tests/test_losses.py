@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reprogrammer.methods.losses import contrastive_focal_loss, focal_loss
-from reprogrammer.training.optim import check_schedule, reprogrammer_optimizers, scheduled, warmup_cosine
+from reprogrammer.methods.optim import check_schedule, reprogrammer_optimizers, scheduled, warmup_cosine
 from tests.helpers import tiny_reprogrammer
 
 

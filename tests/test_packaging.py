@@ -87,6 +87,61 @@ def test_the_import_graph_has_no_cycles():
             visit(name)
 
 
+# The floors of the house, lowest first: a module may import its own room and the rooms of lower
+# floors only. Rooms on one floor are siblings that do not import each other.
+FLOORS = (
+    {"base": ("reprogrammer", "reprogrammer.config", "reprogrammer.constants", "reprogrammer.runtime",
+              "reprogrammer.files", "reprogrammer.pixels", "reprogrammer.classnames", "reprogrammer.state")},
+    {"kernels": ("reprogrammer.kernels",)},
+    {"clip": ("reprogrammer.clip",), "towers": ("reprogrammer.towers",), "data": ("reprogrammer.data",)},
+    {"text_cache": ("reprogrammer.text_cache",)},
+    {"model": ("reprogrammer.model",)},
+    {"methods": ("reprogrammer.methods",)},
+    {"runs": ("reprogrammer.runs",)},
+    {"evaluation": ("reprogrammer.evaluation",), "training": ("reprogrammer.training",)},
+    {"export": ("reprogrammer.export",)},
+    {"shapeworld": ("reprogrammer.shapeworld",)},
+    {"api": ("reprogrammer.api",)},
+    {"cli": ("reprogrammer.cli",)},
+)
+
+
+def _room(module: str) -> tuple[int, str]:
+    """`(floor, room)` of a module: the room with the longest prefix that holds it."""
+    best = None
+    for floor, rooms in enumerate(FLOORS):
+        for room, prefixes in rooms.items():
+            for prefix in prefixes:
+                if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[0]):
+                    best = (len(prefix), floor, room)
+    assert best is not None, f"{module} is on no floor of FLOORS: add it"
+    return best[1], best[2]
+
+
+def _upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    edges = []
+    for name, targets in sorted(graph.items()):
+        floor, room = _room(name)
+        for target in sorted(targets):
+            target_floor, target_room = _room(target)
+            if target_room != room and target_floor >= floor:
+                edges.append(f"{name} ({room}, floor {floor}) imports {target} ({target_room}, floor {target_floor})")
+    return edges
+
+
+def test_every_floor_imports_only_downward():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert _upward_edges(graph) == []
+
+
+def test_the_floor_check_names_an_upward_edge():
+    """The check above can fail: the library importing the trainer is named, edge and floors."""
+    graph = {"reprogrammer.methods.coop": {"reprogrammer.training.engine"}, "reprogrammer.training.engine": set()}
+    assert _upward_edges(graph) == ["reprogrammer.methods.coop (methods, floor 5) imports "
+                                    "reprogrammer.training.engine (training, floor 7)"]
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
     """The check above can fail: two modules importing each other form a cycle."""
     (tmp_path / "a.py").write_text("from . import b\n")
@@ -130,8 +185,8 @@ def test_the_wheel_installs_one_import_name_with_optional_extras(wheel):
     assert {"reprogrammer/kernels/reprogram_patch_embed.py", "reprogrammer/export/predict.py",
             "reprogrammer/py.typed", "reprogrammer/presets/default.yaml",
             "reprogrammer/model_configs/RP-ViT-Tiny.json",
-            "reprogrammer/shapeworld/weights/RP-ViT-Small.safetensors",
-            "reprogrammer/shapeworld/weights/RP-ViT-Small.json"} <= set(names)
+            "reprogrammer/weights/RP-ViT-Small.safetensors",
+            "reprogrammer/weights/RP-ViT-Small.json"} <= set(names)
     assert not any(n.startswith(("bench/", "tests/")) for n in names)
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]

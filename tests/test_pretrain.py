@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from reprogrammer.constants import CLIP_MEAN, CLIP_STD
 from reprogrammer.shapeworld import pretrain
-from reprogrammer.shapeworld import world as shapeworld
+from reprogrammer.data import shapeworld as shapeworld
 
 # A CLIP small enough to pretrain in about a second; its context fits every pretraining caption.
 MICRO = {

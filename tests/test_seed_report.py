@@ -9,7 +9,7 @@ from reprogrammer.data.images import ArrayImageDataset
 from reprogrammer.evaluation.drift import feature_drift, frozen_features
 from reprogrammer.evaluation.evaluate import EvalOptions
 from reprogrammer.methods import build_method
-from reprogrammer.methods.base import MethodConfig
+from reprogrammer.config import MethodConfig
 from reprogrammer.shapeworld import seed_report
 
 from .helpers import CLASSNAMES, tiny_clip, tiny_reprogrammer

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from matplotlib.path import Path
 
-from reprogrammer.shapeworld import world as sw
+from reprogrammer.data import shapeworld as sw
 
 POLYGONS = [name for name, f in sw.SHAPES.items() if hasattr(f, "keywords")]
 ALL_DOMAINS = ["id", *sw.COVARIATE_DOMAINS, "pretrain"]

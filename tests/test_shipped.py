@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from reprogrammer import clip
 from reprogrammer.cli import main
 from reprogrammer.shapeworld import shipped
 from reprogrammer.shapeworld.pretrain import PretrainConfig
@@ -19,8 +20,8 @@ TINY = ["n_pairs=300", "steps=6", "batch_size=32", "warmup_steps=2", "n_eval=20"
 
 
 def test_shipped_weights_match_their_recorded_hash_and_config():
-    record = shipped.shipped_record(NAME)
-    weights = shipped.WEIGHTS_DIR / f"{NAME}.safetensors"
+    record = clip.shipped_record(NAME)
+    weights = clip.WEIGHTS_DIR / f"{NAME}.safetensors"
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == record["weights_sha256"]
     assert all(t.dtype == torch.float16 for k, t in load_file(str(weights)).items() if t.is_floating_point())
     assert weights.stat().st_size < 16 * 2 ** 20  # a few MB in the wheel
@@ -33,8 +34,8 @@ def test_shipped_weights_match_their_recorded_hash_and_config():
 
 
 def test_shipped_weights_reach_their_recorded_zero_shot_table_on_a_small_sample():
-    record = shipped.shipped_record(NAME)
-    model, tokenizer = shipped.load_shipped_clip(NAME)
+    record = clip.shipped_record(NAME)
+    model, tokenizer = clip.load_clip(NAME, "shapeworld")
     assert model.logit_scale.exp().item() == pytest.approx(record["config"]["logit_scale"], rel=1e-3)
     got = shipped.zero_shot_sample(model, tokenizer, shipped.record_config(record))
     expected = record["zero_shot_sample"]["accuracy"]
@@ -46,21 +47,21 @@ def test_shipped_weights_reach_their_recorded_zero_shot_table_on_a_small_sample(
 
 def test_corrupt_shipped_weights_are_refused(tmp_path, monkeypatch):
     for suffix in (".json", ".safetensors"):
-        shutil.copy(shipped.WEIGHTS_DIR / f"{NAME}{suffix}", tmp_path)
+        shutil.copy(clip.WEIGHTS_DIR / f"{NAME}{suffix}", tmp_path)
     weights = tmp_path / f"{NAME}.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    monkeypatch.setattr(shipped, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(clip, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(ValueError, match="SHA-256"):
-        shipped.load_shipped_clip(NAME)
+        clip.load_clip(NAME, "shapeworld")
 
 
 def test_the_builtin_clip_is_the_shipped_one_unless_a_config_is_given(monkeypatch):
     monkeypatch.setattr(shipped, "load_shapeworld_clip", lambda *a, **k: pytest.fail("pretrained instead"))
     model, _, record = shipped.builtin_clip(NAME)
-    assert record == shipped.shipped_record(NAME)
-    reference, _ = shipped.load_shipped_clip(NAME)
+    assert record == clip.shipped_record(NAME)
+    reference, _ = clip.load_clip(NAME, "shapeworld")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 

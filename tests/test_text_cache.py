@@ -7,7 +7,7 @@ from reprogrammer.methods import MethodConfig, build_method
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
 from reprogrammer.training.distributed import DistInfo
 from reprogrammer.training.engine import evaluate_accuracy
-from reprogrammer.training.optim import reprogrammer_optimizers
+from reprogrammer.methods.optim import reprogrammer_optimizers
 from tests.engine_data import colour_dataset
 from tests.helpers import tiny_clip, tiny_reprogrammer
 

@@ -38,7 +38,7 @@ class EvalSets:
 
 @functools.lru_cache(maxsize=2)
 def _shapeworld(seed: int, n_train: int, n_test: int):
-    from ..shapeworld.world import downstream_benchmark
+    from .shapeworld import downstream_benchmark
 
     n_val = max(1, n_train // 9)
     return downstream_benchmark(seed=seed, resolution=24, n_train=n_train, n_val=n_val, n_test=n_test,

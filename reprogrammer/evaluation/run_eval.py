@@ -95,7 +95,7 @@ def _first(names, count: int = 5) -> str:
 
 def run_eval(run_dir, out_dir, *, which="best", config_path=None, overrides=(), progress=True) -> dict:
     from ..data.suites import build_eval_sets
-    from ..training.restore import load_run, with_user_data_paths
+    from ..runs.restore import load_run, with_user_data_paths
 
     classifier, cfg, meta = load_run(run_dir, which)
     cfg = with_user_data_paths(cfg, run_dir, config_path, overrides)

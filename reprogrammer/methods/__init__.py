@@ -1,5 +1,6 @@
 """The methods of the paper's comparison behind one interface (`base.Classifier`)."""
-from .base import Classifier, MethodConfig, TrainingObjective
+from ..config import MethodConfig
+from .base import Classifier, TrainingObjective
 from .coop import build_coop
 from .finetune import build_fine_tune, build_lp_ft, build_wise_ft
 from .linear import build_linear_probe

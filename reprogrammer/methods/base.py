@@ -5,34 +5,10 @@ A method builds a `Classifier`: an `nn.Module` whose `forward(images)` maps floa
 inside: it calls `loss`, steps the optimisers and schedulers the method made, and saves
 `learned_state()`.
 """
-from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
-
-@dataclass
-class MethodConfig:
-    """Hyper-parameters of a method; `None` takes the method's own default (the authors')."""
-    name: str = "reprogrammer"
-    template: str = "a photo of a {}"
-    # Reprogrammer
-    up_resolution: Optional[int] = None
-    mr_resolution: Optional[int] = None
-    dropout: float = 0.0
-    alpha: float = 0.4
-    train_residual: bool = False
-    image_lr: float = 5e-3
-    text_lr: float = 5e-4
-    # baselines
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    n_ctx: int = 16
-    wise_alphas: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
-    lp_epochs: Optional[int] = None
-    # shared
-    warmup_steps: Optional[int] = None
+from ..config import MethodConfig
 
 
 class Classifier(nn.Module):

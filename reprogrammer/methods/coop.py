@@ -10,14 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..classnames import checked_classnames
+from ..config import MethodConfig
 from ..constants import MCM_TEMPERATURE
 from ..state import load_checked
 from ..text_cache import TextFeatureCache, text_tower_tensors
 from ..towers import encode_text_embeddings, text_tower
-from ..training.optim import scheduled
-from .base import Classifier, MethodConfig
+from .base import Classifier
 from .features import ImageTower
 from .linear import or_default
+from .optim import scheduled
 
 
 def context_prompts(tokenizer, classnames, n_ctx: int) -> tuple[torch.Tensor, int]:

@@ -9,8 +9,7 @@ between the zero-shot and the fine-tuned endpoint without retraining.
 """
 import torch
 
-from ..training.optim import check_schedule
-from .base import MethodConfig
+from ..config import MethodConfig
 from .linear import (
     LinearHeadClassifier,
     LinearProbeClassifier,
@@ -19,6 +18,7 @@ from .linear import (
     step_decay,
     step_scheduled,
 )
+from .optim import check_schedule
 
 
 def fine_tune_optimizer(classifier: LinearHeadClassifier, cfg: MethodConfig) -> torch.optim.Optimizer:

@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import MethodConfig
 from ..constants import MCM_TEMPERATURE
 from ..state import load_checked
-from ..training.optim import check_schedule
-from .base import Classifier, MethodConfig
+from .base import Classifier
 from .features import ImageTower, zero_shot_text_features
+from .optim import check_schedule
 
 #: The authors' step schedule: the LR multiplier becomes 0.5, then 0.2, then 0.1 of the base LR
 #: (absolute factors, not cumulative) once this fraction of the steps is done.

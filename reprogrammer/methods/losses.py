@@ -1,5 +1,6 @@
 """The paper's loss (docs/method.md section 3): a two-direction contrastive focal loss."""
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -29,3 +30,19 @@ def contrastive_focal_loss(image_features: torch.Tensor, class_text_features: to
     image_logits = logit_scale * image_features @ texts.T
     target = torch.arange(image_logits.shape[0], device=image_logits.device)
     return 0.5 * (focal_loss(image_logits, target, **focal) + focal_loss(image_logits.T, target, **focal))
+
+
+def gather_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of the whole global batch on every rank, features keeping their gradient.
+
+    A contrastive loss over the gathered batch, averaged by DDP, has exactly the gradient of the
+    single-process loss over the same global batch (the all-gather's backward sums the ranks'
+    gradients of each shard).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, labels
+    from torch.distributed.nn.functional import all_gather
+
+    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_labels, labels)
+    return torch.cat(all_gather(features)), torch.cat(all_labels)

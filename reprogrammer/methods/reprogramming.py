@@ -2,13 +2,13 @@
 import torch
 
 from .. import kernels
+from ..config import MethodConfig
 from ..constants import MCM_TEMPERATURE
 from ..model import Reprogrammer
 from ..towers import text_tower
-from ..training.distributed import gather_batch
-from ..training.optim import reprogrammer_optimizers, scheduled
-from .base import Classifier, MethodConfig
-from .losses import contrastive_focal_loss
+from .base import Classifier
+from .losses import contrastive_focal_loss, gather_batch
+from .optim import reprogrammer_optimizers, scheduled
 
 
 class ReprogrammerClassifier(Reprogrammer, Classifier):
@@ -46,14 +46,11 @@ class ReprogrammerClassifier(Reprogrammer, Classifier):
                                              weight_decay=0.1 if self.cfg.weight_decay is None else self.cfg.weight_decay)
         return optimizers, [scheduled(o, self.warmup_steps, total_steps) for o in optimizers]
 
-
 def build_reprogrammer(clip, tokenizer, classnames, cfg):
     return ReprogrammerClassifier(clip, tokenizer, classnames, cfg)
 
-
 def build_reprogrammer_image(clip, tokenizer, classnames, cfg):
     return ReprogrammerClassifier(clip, tokenizer, classnames, cfg, text=False)
-
 
 def build_reprogrammer_text(clip, tokenizer, classnames, cfg):
     return ReprogrammerClassifier(clip, tokenizer, classnames, cfg, image=False)

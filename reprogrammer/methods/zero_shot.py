@@ -1,5 +1,5 @@
 """Zero-shot CLIP: the class prompts' text features as a frozen linear head (docs/method.md 6)."""
-from .base import MethodConfig
+from ..config import MethodConfig
 from .linear import LinearHeadClassifier
 
 

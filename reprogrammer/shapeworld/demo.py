@@ -16,8 +16,8 @@ from ..evaluation.drift import feature_drift, frozen_features
 from ..evaluation.run_eval import eval_options, evaluate_method, finish_report
 from ..files import write_atomically, write_json_atomically
 from ..methods import build_method
+from ..runs.restore import load_run
 from ..training.engine import train
-from ..training.restore import load_run
 from . import seed_report
 from .shipped import builtin_clip
 

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from .. import kernels
 from ..clip import image_normalisation, load_clip, save_clip
 from ..constants import DEFAULT_TEMPLATE
+from ..data import shapeworld
 from ..files import file_sha256, write_atomically
 from ..methods.features import ImageTower, canvas_size, zero_shot_text_features
-from ..training.optim import scheduled
-from . import world as shapeworld
+from ..methods.optim import scheduled
 
 MAX_THREADS = 8  # a model this small stops scaling beyond a few cores
 

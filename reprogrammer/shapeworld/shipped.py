@@ -1,13 +1,12 @@
 """The shape-world CLIP shipped with the package, and the `reprogrammer pretrain` command that
 reproduces it.
 
-`weights/<model>.safetensors` holds fp16 weights; `weights/<model>.json` their record: the exact
-pretraining config, thread count and command, the weights' SHA-256, and the zero-shot accuracy
-they reach (the full table and a small sample the tests recompute). The built-in default loads
-them directly; a model without shipped weights is pretrained and cached on first use.
+`reprogrammer/weights/<model>.safetensors` holds fp16 weights; `<model>.json` beside it their
+record: the exact pretraining config, thread count and command, the weights' SHA-256, and the
+zero-shot accuracy they reach (the full table and a small sample the tests recompute). Loading them
+is `clip.load_clip(name, "shapeworld")`; only the demo pretrains (and caches) a model that ships none.
 """
 import dataclasses
-import json
 import platform
 from pathlib import Path
 from typing import Optional
@@ -17,9 +16,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from ..clip import load_clip
+from ..clip import SHIPPED, load_clip, shipped_record
+from ..data import shapeworld
 from ..files import file_sha256, write_atomically, write_json_atomically
-from . import world as shapeworld
 from .pretrain import (
     PretrainConfig,
     cached_report,
@@ -29,16 +28,9 @@ from .pretrain import (
     zero_shot_accuracy,
 )
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: The record's small zero-shot sample: this many test images per set of the config's world,
 #: few enough for a test to recompute in seconds.
 SAMPLE_SIZE = 200
-
-
-def shipped_record(name: str) -> Optional[dict]:
-    """The record of `name`'s shipped weights, or None when none ship with the package."""
-    path = WEIGHTS_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def record_config(record: dict) -> PretrainConfig:
@@ -46,24 +38,12 @@ def record_config(record: dict) -> PretrainConfig:
     return PretrainConfig(**{**cfg, "resolutions": tuple(cfg["resolutions"])})
 
 
-def load_shipped_clip(name: str, device="cpu"):
-    """`(model, tokenizer)` from the shipped fp16 weights (as fp32), after checking their hash."""
-    record = shipped_record(name)
-    if record is None:
-        raise FileNotFoundError(f"no shipped weights for {name} in {WEIGHTS_DIR}")
-    path = WEIGHTS_DIR / f"{name}.safetensors"
-    if not path.is_file() or file_sha256(path) != record["weights_sha256"]:
-        raise ValueError(f"the shipped weights {path} are missing or do not match their recorded SHA-256; "
-                         "reinstall the package (or rebuild them with `reprogrammer pretrain`)")
-    return load_clip(name, str(path), device=device)
-
-
 def builtin_clip(name: str, device="cpu", *, config: Optional[PretrainConfig] = None, progress: bool = True):
     """`(model, tokenizer, record)` of the shape-world CLIP: the shipped weights when `config` is
     None and they exist, else pretrained with `config` (or the default one) and cached."""
     record = shipped_record(name) if config is None else None
     if record is not None:
-        return (*load_shipped_clip(name, device), record)
+        return (*load_clip(name, SHIPPED, device=device), record)
     model, tokenizer = load_shapeworld_clip(name, device, config=config, progress=progress)
     return model, tokenizer, cached_report(name, config=config)
 

@@ -1,2 +1,2 @@
-"""Training: the engine (AMP, torch.compile, DDP, exact resume), checkpoints, distributed helpers,
-the methods' optimisers and schedules, GPU telemetry, and restoring a trained run."""
+"""Training: the Trainer (AMP, torch.compile, DDP, exact resume), distributed set-up, GPU
+telemetry and metric tracking. Run directories and checkpoints live in `reprogrammer.runs`."""

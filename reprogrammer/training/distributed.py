@@ -62,19 +62,3 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.skip
-
-
-def gather_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of the whole global batch on every rank, features keeping their gradient.
-
-    A contrastive loss over the gathered batch, averaged by DDP, has exactly the gradient of the
-    single-process loss over the same global batch (the all-gather's backward sums the ranks'
-    gradients of each shard).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features, labels
-    from torch.distributed.nn.functional import all_gather
-
-    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_labels, labels)
-    return torch.cat(all_gather(features)), torch.cat(all_labels)

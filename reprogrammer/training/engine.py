@@ -25,10 +25,10 @@ from ..data.loaders import eval_loader, make_loader
 from ..data.suites import TrainData
 from ..files import write_json_atomically
 from ..methods import TrainingObjective, build_method
+from ..runs import checkpoint as ckpt
+from ..runs.rundir import RunDirectory
 from ..runtime import autocast, resolve_device, to_device_images
-from . import checkpoint as ckpt
 from .distributed import DistInfo, ResumableSampler, all_reduce_sum, init_distributed, shutdown
-from .rundir import RunDirectory
 from .telemetry import GpuTelemetry
 from .tracking import learning_rates, start_tracking
 
@@ -96,7 +96,7 @@ def _memory_mb(device) -> Optional[float]:
 
 def train(cfg: Config, run_dir, data: TrainData, *, clip, resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> dict:
-    """Train `cfg.method` on `data` from `clip = (model, tokenizer)` (see `training.restore.clip_from_config`);
+    """Train `cfg.method` on `data` from `clip = (model, tokenizer)` (see `clip.clip_from_config`);
     returns the summary also written to `RUN_DIR/summary.json`. A run directory that already holds a
     run needs `resume` (continue it) or `overwrite` (replace it); one training at a time holds it."""
     run_dir = Path(run_dir)

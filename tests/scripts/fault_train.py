@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import reprogrammer.data.loaders as loaders  # noqa: E402
 import reprogrammer.data.suites as suites  # noqa: E402
 from reprogrammer import cli  # noqa: E402
-from reprogrammer.training import checkpoint  # noqa: E402
+from reprogrammer.runs import checkpoint  # noqa: E402
 from tests.engine_data import train_data  # noqa: E402
 
 SAVE_FILE = checkpoint.save_file

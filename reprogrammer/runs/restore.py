@@ -1,39 +1,11 @@
-"""The CLIP a config names, and the trained classifier a run directory holds."""
+"""The trained classifier a run directory holds, and the dataset paths a run may not choose."""
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from ..clip import load_clip
+from ..clip import clip_from_config
 from ..config import Config, ConfigError, from_dict, load_config
 from ..methods import build_method
 from . import checkpoint as ckpt
-
-BUILT_IN = ("RP-ViT-Tiny", "RP-ViT-Small")
-
-
-def clip_from_config(cfg: Config, *, device="cpu"):
-    """`(model, tokenizer)` for a run's `model` section.
-
-    `pretrained: shapeworld` is the built-in CLIP pretrained on the shape world (built-in
-    architectures only); `pretrained: null` draws random weights from `train.seed`, so training,
-    evaluation and export of such a run see the same backbone.
-    """
-    model = cfg.model
-    if model.pretrained == "shapeworld":
-        if model.name not in BUILT_IN:
-            raise ConfigError(
-                f"model.pretrained=shapeworld exists only for the built-in architectures {', '.join(BUILT_IN)}, "
-                f"not {model.name!r}; set model.pretrained to an open_clip tag (e.g. openai) or a checkpoint "
-                "file, or to null for an hf-hub: or local-dir: model")
-        from ..shapeworld.shipped import builtin_clip
-
-        return builtin_clip(model.name, device=device)[:2]
-    if model.pretrained is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            return load_clip(model.name, None, device=device)
-    return load_clip(model.name, model.pretrained, device=device)
 
 
 def load_run(run_dir, which: str = "best", *, device="cpu", clip=None, alpha: Optional[float] = None):

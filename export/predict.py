@@ -5,6 +5,7 @@ the model's resolution with bicubic interpolation, a centre crop, then values / 
 """
 import argparse
 import json
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Optional, Union
@@ -46,22 +47,29 @@ def check_images(images, image_resolution: int) -> np.ndarray:
 
 def resolve_providers(providers: Union[str, Iterable[str]] = "auto") -> list[str]:
     """onnxruntime execution providers, best first. `"auto"`: TensorRT and CUDA where this
-    onnxruntime has them, then the CPU; otherwise the names given (a list, or comma-separated),
-    each of which this onnxruntime must have."""
+    onnxruntime has them, then the CPU; otherwise the names given (a list, or comma-separated) in
+    their order, less those this onnxruntime build lacks (with a warning), so that one command
+    line serves a GPU and a CPU install alike. A misspelt name, or none left, is an error."""
     available = ort.get_available_providers()
     if isinstance(providers, str) and providers == "auto":
         return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
     names = [p.strip() for p in providers.split(",")] if isinstance(providers, str) else list(providers)
+    if not names:
+        raise ValueError("no execution provider given; pass auto or names such as CPUExecutionProvider")
     for name in names:
         if name not in ort.get_all_providers():
             raise ValueError(f"unknown onnxruntime execution provider {name!r}; this onnxruntime has "
                              f"{', '.join(available)} (or pass auto)")
-        if name not in available:
-            raise ValueError(f"execution provider {name!r} is not available in this onnxruntime ({ort.__version__}, "
-                             f"which has {', '.join(available)}); for GPUs install onnxruntime-gpu")
-    if not names:
-        raise ValueError("no execution provider given; pass auto or names such as CPUExecutionProvider")
-    return names
+    usable = [name for name in names if name in available]
+    missing = [name for name in names if name not in available]
+    if not usable:
+        raise ValueError(f"none of the execution providers {', '.join(names)} is available in this onnxruntime "
+                         f"({ort.__version__}, which has {', '.join(available)}); for GPUs install "
+                         "onnxruntime-gpu, or add CPUExecutionProvider")
+    if missing:
+        warnings.warn(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+                      f"({ort.__version__}); running on {', '.join(usable)}", stacklevel=2)
+    return usable
 
 
 class OnnxClassifier:
@@ -73,8 +81,9 @@ class OnnxClassifier:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no ONNX model at {path}; create one with `reprogrammer export`")
         self.path = str(path)
+        providers = resolve_providers(providers)
         try:
-            self.session = ort.InferenceSession(self.path, providers=resolve_providers(providers))
+            self.session = ort.InferenceSession(self.path, providers=providers)
         except Exception as error:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
             raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({error}); pass a file written "
                              "by `reprogrammer export`") from None

@@ -249,10 +249,18 @@ def test_unknown_or_missing_providers_are_clear_errors(calibrated, tmp_path, mon
     with pytest.raises(ValueError, match="unknown onnxruntime execution provider 'CUDA'"):
         OnnxClassifier(path, providers="CUDA")
     monkeypatch.setattr(export_predict.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    with pytest.raises(ValueError, match="'CUDAExecutionProvider' is not available .* install onnxruntime-gpu"):
+    with pytest.raises(ValueError, match="none of the execution providers CUDAExecutionProvider is available"
+                                         ".* install onnxruntime-gpu"):
         OnnxClassifier(path, providers=["CUDAExecutionProvider"])
     assert OnnxClassifier(path).session.get_providers() == ["CPUExecutionProvider"]
     paths, _ = write_images(tmp_path)
+    # The README's GPU command line on a CPU build: the CPU runs it, and a warning names what is missing.
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider not available .* running on CPUExecutionProvider"):
+        classifier = OnnxClassifier(path, providers="CUDAExecutionProvider,CPUExecutionProvider")
+    assert classifier.session.get_providers() == ["CPUExecutionProvider"]
+    assert main(["predict", "--onnx", str(path), "--providers", "CUDAExecutionProvider,CPUExecutionProvider",
+                 str(paths[0])]) == 0
+    capsys.readouterr()
     assert main(["predict", "--onnx", str(path), "--providers", "Bogus", str(paths[0])]) == 2
     assert "unknown onnxruntime execution provider 'Bogus'" in capsys.readouterr().err
 

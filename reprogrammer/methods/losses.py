@@ -41,8 +41,8 @@ def gather_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features, labels
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor, all_gather_tensor_autograd
 
-    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_labels, labels)
-    return torch.cat(all_gather(features)), torch.cat(all_labels)
+    # The autograd variant's backward is a reduce-scatter (sum); labels need no gradient.
+    group = dist.group.WORLD
+    return all_gather_tensor_autograd(features, 0, group), all_gather_tensor(labels, 0, group)

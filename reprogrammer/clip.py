@@ -7,7 +7,9 @@ for random weights. Models named
 `hf-hub:ORG/REPO` or `local-dir:PATH` (a folder with open_clip's `open_clip_config.json` and a
 weights file such as `open_clip_model.safetensors`) carry their own weights: `pretrained` stays None.
 """
+import contextlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -69,6 +71,25 @@ def shipped_weights(name: str) -> Path:
     return path
 
 
+#: Architectures already warned about: one warning a process, however many callers load them.
+_WARNED_RANDOM: set = set()
+
+
+@contextlib.contextmanager
+def _without_open_clips_random_weights_notice():
+    """open_clip logs "No pretrained weights loaded" on every random load; the warning above says it
+    once, with the fix, so open_clip's notice is dropped."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cache_dir: Optional[str] = None):
     """Return `(model, tokenizer)` for an open_clip architecture, in eval mode on `device`."""
     if pretrained == SHIPPED:
@@ -82,7 +103,8 @@ def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cach
         raise ValueError(f"{name} carries its own weights; set pretrained (model.pretrained) to null, "
                          f"not {pretrained!r}")
     if pretrained is None:
-        if _random_weights(name):
+        if _random_weights(name) and name not in _WARNED_RANDOM:
+            _WARNED_RANDOM.add(name)
             warnings.warn(
                 f"{name} has random weights (pretrained=None): features are meaningless until it is trained; "
                 "pass an open_clip pretrained tag or a checkpoint file", stacklevel=2)
@@ -91,7 +113,8 @@ def load_clip(name: str, pretrained: Optional[str] = None, *, device="cpu", cach
             f"pretrained={pretrained!r} is neither an existing checkpoint file nor an open_clip tag for {name} "
             f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})"
         )
-    model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir)
+    with _without_open_clips_random_weights_notice():
+        model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir)
     model.eval()
     return model, open_clip.get_tokenizer(name)
 

@@ -1,6 +1,7 @@
 """Where a CLIP's weights come from: a local checkpoint file, an open_clip `local-dir:` folder (no
 false "random weights" warning), and `pretrained: shapeworld` only for the built-in architectures."""
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -76,9 +77,15 @@ def test_local_checkpoint_file(tmp_path):
     _assert_weights(model, state)
 
 
-def test_random_weights_still_warn():
-    _, _, messages = _load_quietly("RP-ViT-Tiny")
-    assert any("random weights" in m for m in messages), messages
+def test_random_weights_warn_once_and_open_clips_notice_is_dropped(monkeypatch, caplog):
+    monkeypatch.setattr("reprogrammer.clip._WARNED_RANDOM", set())
+    with caplog.at_level(logging.INFO):
+        _, _, messages = _load_quietly("RP-ViT-Tiny")
+        assert sum("random weights" in m for m in messages) == 1, messages
+        _, _, messages = _load_quietly("RP-ViT-Tiny")  # a second caller: no second warning
+        assert not messages, messages
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()], caplog.records
+    assert not [m for m in _load_quietly("RP-ViT-Small", "shapeworld")[2] if "random" in m]
 
 
 def test_shapeworld_is_only_for_the_built_in_architectures_and_loading_never_trains(monkeypatch):

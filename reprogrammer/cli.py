@@ -2,6 +2,7 @@
 import argparse
 import importlib
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -86,10 +87,24 @@ def _demo(args) -> int:
     return 0
 
 
+def _interrupt_on_sigterm(*_):
+    raise KeyboardInterrupt
+
+
 def _pretrain(args) -> int:
     from .shapeworld.shipped import run_pretrain
 
-    record = run_pretrain(args.out, model=args.model, overrides=args.set, threads=args.threads)
+    # Pretraining keeps no checkpoints (minutes of work on the built-in models): a stop by Ctrl-C
+    # or SIGTERM ends it with one line that says so, and writes nothing.
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        record = run_pretrain(args.out, model=args.model, overrides=args.set, threads=args.threads)
+    except KeyboardInterrupt:
+        print(f"reprogrammer pretrain: stopped; nothing was written to {args.out} and nothing can be resumed "
+              "(pretraining keeps no checkpoints): run the same command again to start over", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {args.out}/{args.model}.safetensors (SHA-256 {record['weights_sha256']}); zero-shot accuracy "
           + ", ".join(f"{k} {100 * v:.1f}%" for k, v in record["zero_shot_accuracy"].items()))
     if record.get("shipped_sha256") == record["weights_sha256"]:

@@ -110,3 +110,20 @@ def test_bad_pretraining_overrides_are_refused(override):
 def test_pretrain_refuses_a_model_override_that_contradicts_the_model(tmp_path):
     with pytest.raises(ValueError, match="--model"):
         shipped.run_pretrain(tmp_path, model=NAME, overrides=["model=RP-ViT-Tiny"])
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stopped_pretraining_says_so_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, stop):
+    import os
+    import signal
+
+    def stopped_midway(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, stop))  # as Ctrl-C or `kill` would, during the training loop
+        pytest.fail("the signal did not stop the pretraining")
+
+    monkeypatch.setattr(shipped, "pretrain_shapeworld", stopped_midway)
+    assert main(["pretrain", "--out", str(tmp_path / "out"), "--model", NAME]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing can be resumed" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

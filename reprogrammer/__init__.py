@@ -5,7 +5,8 @@ Public API:
 - `Reprogrammer(clip, tokenizer, classnames, ...)`: the classifier (`alpha > 0`: Residual);
 - `train(config, out)`, `evaluate(run_dir, out)`: what `reprogrammer train` / `eval` do;
 - `load_run(run_dir)`: the trained classifier of a run, at the run's alpha;
-- `export_onnx(classifier, path, ...)`: a verified ONNX classifier (needs the `export` extra).
+- `export_onnx(classifier, path, ...)`: a verified ONNX classifier (needs the `export` extra);
+- `export_run(run_dir, path, ...)`: what `reprogrammer export` does (a run's checkpoint, calibrated).
 
 Names resolve on first use, so `reprogrammer.export.predict` (onnxruntime, numpy and PIL only)
 never imports torch.
@@ -19,6 +20,7 @@ _PUBLIC = {
     "evaluate": "reprogrammer.api",
     "load_run": "reprogrammer.runs.restore",
     "export_onnx": "reprogrammer.export",
+    "export_run": "reprogrammer.api",
 }
 __all__ = list(_PUBLIC)
 

@@ -1,11 +1,13 @@
 """`reprogrammer` command line: train, eval, export, predict, config, demo, pretrain, data, bench."""
 import argparse
-import importlib
 import logging
 import signal
 import sys
 import warnings
-from pathlib import Path
+
+#: `reprogrammer bench NAME`: the script of the checkout's bench/ folder each name runs.
+BENCHMARKS = {"kernels": "kernels", "train": "train", "data": "data", "compile": "compile_report",
+              "onnx_latency": "onnx_latency"}
 
 
 def _train(args) -> int:
@@ -31,26 +33,11 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    import numpy as np
+    from .api import export_run
 
-    from .data.images import SkippedSample
-    from .data.suites import build_train_data
-    from .export import export_onnx
-    from .runs.restore import load_run, with_user_data_paths
-
-    classifier, cfg, meta = load_run(args.checkpoint, args.which)
-    if args.calibration_samples < 0:
-        raise ValueError(f"--calibration-samples must be >= 0 (0: no OOD threshold), got {args.calibration_samples}")
-    calibration = None
-    if args.calibration_samples > 0:
-        val = build_train_data(with_user_data_paths(cfg, args.checkpoint, None, args.set)).val
-        samples = (val[i] for i in range(min(len(val), args.calibration_samples)))
-        readable = [sample[0].numpy() for sample in samples if not isinstance(sample, SkippedSample)]
-        calibration = np.stack(readable).astype(np.float32) / 255 if readable else None
-    report = export_onnx(classifier, args.out, image_resolution=meta["image_resolution"], alpha=args.alpha,
-                         fp16=args.fp16, opset=args.opset, exporter=args.exporter, calibration_images=calibration,
-                         metadata={"model_name": meta["model"]["name"], "pretrained": str(meta["model"]["pretrained"]),
-                                   "method": meta["method"]})
+    report = export_run(args.checkpoint, args.out, which=args.which, alpha=args.alpha, fp16=args.fp16,
+                        opset=args.opset, exporter=args.exporter, calibration_samples=args.calibration_samples,
+                        overrides=args.set)
     print(f"wrote {report['path']} ({report['exporter']} exporter): max |difference| against PyTorch "
           f"{report['max_abs_diff']}, OOD threshold {report['ood_threshold']}")
     return 0
@@ -113,33 +100,18 @@ def _pretrain(args) -> int:
 
 
 def _data_cache(args) -> int:
-    from .config import load_config
-    from .data.cache import write_cache
-    from .data.registry import DATASETS, build_dataset
+    from .api import cache_data
 
-    cfg = load_config(args.config, tuple(args.set)).data
-    if cfg.root is None:
-        raise ValueError(f"data.root is not set: point it at the {cfg.dataset} folder (--set data.root=PATH)")
-    split = args.split or ("train" if "train" in DATASETS[cfg.dataset].splits else None)
-    dataset = build_dataset(cfg.dataset, cfg.root, split, image_resolution=cfg.image_resolution,
-                            classnames=cfg.classnames_file, max_skipped_fraction=cfg.max_skipped_fraction)
-    meta = write_cache(dataset, args.out, num_workers=cfg.num_workers, progress=not args.quiet,
-                       source={"dataset": cfg.dataset, "root": str(cfg.root), "split": split})
+    meta = cache_data(args.config, args.out, overrides=args.set, split=args.split, progress=not args.quiet)
     print(f"wrote {meta['rows']} images of {meta['image_resolution']} px to {args.out} "
           f"({len(meta['skipped'])} unreadable skipped); train from it with --set data.cache={args.out}")
     return 0
 
 
 def _bench(args) -> int:
-    # The benchmarks are scripts of the source checkout, not part of the installed package.
-    checkout = Path(__file__).resolve().parents[1]
-    if not (checkout / "bench" / "__init__.py").is_file():
-        raise FileNotFoundError("the benchmarks live in the source checkout's bench/ folder; "
-                                "clone the repository and install it with `pip install -e .`")
-    sys.path.insert(0, str(checkout))
-    module = {"compile": "compile_report"}.get(args.what, args.what)
-    main = importlib.import_module(f"bench.{module}").main
-    return main(args.rest) or 0
+    from .api import run_benchmark
+
+    return run_benchmark(BENCHMARKS[args.what], args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
     cache.set_defaults(func=_data_cache)
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels, train, data, or compile (offline sm_90a report)")
-    bench.add_argument("what", choices=["kernels", "train", "data", "compile"])
+    bench = sub.add_parser("bench", help="benchmarks of the source checkout: kernels, train, data, compile (offline "
+                                          "sm_90a report) or onnx_latency (the exported model on the CPU)")
+    bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after it)")
     bench.set_defaults(func=_bench)
     return parser

@@ -108,3 +108,48 @@ def test_config_list_names_each_preset_with_its_description(capsys):
     assert [line.split()[0] for line in lines] == [f.stem for f in files]
     for line, file in zip(lines, files):
         assert line.endswith(file.read_text().splitlines()[0].lstrip("# "))
+
+
+def test_export_is_export_run_from_python_and_from_the_command_line(run, monkeypatch):
+    import reprogrammer
+    from reprogrammer import api
+    from reprogrammer.export import OnnxClassifier
+
+    user_data = [f"data.root={run / 'train'}"]
+    report = reprogrammer.export_run(run / "run", run / "api.onnx", alpha=0.4, calibration_samples=5,
+                                     overrides=user_data)
+    assert report["path"] == str(run / "api.onnx") and report["ood_threshold"] is not None
+    with pytest.raises(ValueError, match="--calibration-samples must be >= 0"):
+        reprogrammer.export_run(run / "run", run / "bad.onnx", calibration_samples=-1)
+    calls = []
+    monkeypatch.setattr(api, "export_run", lambda *args, **kwargs: calls.append((args, kwargs)) or report)
+    assert main(["export", "--checkpoint", str(run / "run"), "--out", str(run / "cli.onnx"), "--alpha", "0.4",
+                 "--calibration-samples", "5", "--opset", "17", "--exporter", "legacy", "--fp16",
+                 "--which", "latest", "--set", user_data[0]]) == 0
+    assert calls == [((str(run / "run"), str(run / "cli.onnx")),
+                      dict(which="latest", alpha=0.4, fp16=True, opset=17, exporter="legacy",
+                           calibration_samples=5, overrides=user_data))]
+    images = np.random.default_rng(0).random((4, 3, 12, 12), dtype=np.float32)
+    served = OnnxClassifier(run / "api.onnx")(images)
+    assert set(served) >= {"logits", "ood_score", "prediction"} and len(served["prediction"]) == 4
+
+
+def test_bench_runs_the_checkout_script_as_a_module(capfd, monkeypatch, tmp_path):
+    # A `bench` package in the current folder must not shadow the checkout's.
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    (tmp_path / "bench" / "onnx_latency.py").write_text("raise SystemExit('the wrong bench')")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "onnx_latency", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "CPU latency and throughput of the exported ONNX classifier" in out and "--batch-sizes" in out
+    assert main(["bench", "compile", "--no-such-option"]) == 2  # the script's own exit status
+    assert "unrecognized arguments: --no-such-option" in capfd.readouterr().err
+
+
+def test_bench_without_a_checkout_says_how_to_get_one(capsys, monkeypatch, tmp_path):
+    from reprogrammer import api
+
+    monkeypatch.setattr(api, "__file__", str(tmp_path / "site-packages" / "reprogrammer" / "api.py"))
+    assert main(["bench", "kernels", "--quick"]) == 2
+    assert "source checkout's bench/ folder; clone the repository" in capsys.readouterr().err

@@ -9,9 +9,11 @@ from scipy.io import savemat
 from torch.utils.data import Subset
 from torchvision import transforms
 
+from reprogrammer.config import load_config
 from reprogrammer.data import (
     CIFAR10_CLASSNAMES,
     DATASET_NAMES,
+    DATASETS,
     PAPER_BENCHMARKS,
     DatasetLayoutError,
     ImageLoader,
@@ -21,6 +23,9 @@ from reprogrammer.data import (
     resize_center_crop,
     split_indices,
 )
+from reprogrammer.data import shapeworld
+from reprogrammer.data.loaders import eval_loader, resident_images
+from reprogrammer.data.suites import build_eval_sets, build_train_data
 
 RNG = np.random.default_rng(1234)
 
@@ -252,7 +257,7 @@ EXPECTED_IN_LAYOUT = {"cifar10": "data_batch_1", "cifar100": "fine_label_names",
                       "csv": "path,label"}
 
 
-@pytest.mark.parametrize("name", DATASET_NAMES)
+@pytest.mark.parametrize("name", [name for name in DATASET_NAMES if not DATASETS[name].generated])
 def test_missing_paths_show_the_expected_layout(tmp_path, name):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetLayoutError, match="Expected layout") as caught:
@@ -340,3 +345,44 @@ def test_split_indices():
         split_indices(10, val_fraction=0.1, val_size=1)
     with pytest.raises(ValueError, match="between 1 and 9"):
         split_indices(10, val_size=10)
+
+
+# ----------------------------------------------------------------------------- the shape world
+
+def _shapeworld_sets(*settings):
+    cfg = load_config("default", ("data.n_train=45", "data.n_test=12", "train.seed=5", *settings))
+    data, sets = build_train_data(cfg), build_eval_sets(cfg)
+    return {"train": data.train, "val": data.val, "test": sets.test, **sets.covariate, **sets.semantic}
+
+
+def _expected_world(resolution):
+    world = shapeworld.downstream_benchmark(seed=5, resolution=resolution, n_train=45, n_val=5, n_test=12,
+                                            n_shift=12, n_ood=12)
+    expected = {name: world[name] for name in ("train", "val", "test")}
+    expected.update(world["covariate"])
+    expected.update({name: (images, np.full(len(images), -1)) for name, images in world["semantic"].items()})
+    return expected
+
+
+@pytest.mark.parametrize("settings, resolution", [((), 24), (("data.image_resolution=32",), 32)])
+def test_shapeworld_sets_are_the_renderers_images_bit_for_bit(settings, resolution):
+    """Through the registry, per sample, resident on the device and through the evaluation loader."""
+    sets = _shapeworld_sets(*settings)
+    expected = _expected_world(resolution)
+    assert set(sets) == set(expected)
+    for name, (images, labels) in expected.items():
+        dataset = sets[name]
+        per_sample = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        assert torch.equal(per_sample, torch.from_numpy(images)), name
+        assert torch.equal(resident_images(dataset, torch.device("cpu")), torch.from_numpy(images)), name
+        batches = list(eval_loader(dataset, 5, torch.device("cpu"), budget_gb=0))  # the memory-mapped path
+        assert torch.equal(torch.cat([b[0] for b in batches]), torch.from_numpy(images)), name
+        assert np.array_equal(dataset.labels, labels), name
+    assert sets["test"].classnames == list(shapeworld.ID_CLASSES) and sets["shapes"].classnames == []
+
+
+def test_shapeworld_label_free_splits_are_only_ood_sets():
+    with pytest.raises(ValueError, match=r"shapeworld \(shapes\) has no labels"):
+        build_dataset("shapeworld", None, "shapes", ood=False, n_train=9, n_test=3)
+    with pytest.raises(ValueError, match="apply only to generated datasets"):
+        build_dataset("cifar10", ".", seed=1)

@@ -1,9 +1,12 @@
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 from matplotlib.path import Path
+from PIL import Image
 
 from reprogrammer.data import shapeworld as sw
 
@@ -297,6 +300,19 @@ def test_contact_sheet_places_each_image_in_its_cell():
         assert np.array_equal(sheet[7 * r:7 * r + 5, 6 * c:6 * c + 4], image.transpose(1, 2, 0))
     assert (sheet[14:, 6:] == 255).all()  # the two empty cells of the last row stay white
     assert sw.sample_sheet(seed=1).shape == (7 * 34 - 2, 20 * 34 - 2, 3)
+
+
+def test_module_command_writes_the_magnified_sheet(tmp_path):
+    out = tmp_path / "sheet.png"
+    done = subprocess.run([sys.executable, "-m", "reprogrammer.shapeworld", str(out), "16"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    sheet = np.asarray(Image.open(out))
+    expected = sw.sample_sheet(resolution=16)
+    assert sheet.shape == (3 * expected.shape[0], 3 * expected.shape[1], 3)
+    assert np.array_equal(sheet[::3, ::3], expected)
+    wrong = subprocess.run([sys.executable, "-m", "reprogrammer.shapeworld"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "usage: python -m reprogrammer.shapeworld OUT.png" in wrong.stderr
 
 
 def test_render_speed_report():

@@ -113,17 +113,42 @@ class ImageDataset(Dataset):
 
 
 class ArrayImageDataset(ImageDataset):
-    """Images held in memory as uint8 [N, H, W, 3] (CIFAR, STL-10, SVHN, CIFAR-10.1)."""
+    """Images held in memory as uint8 [N, H, W, 3] (CIFAR, STL-10, SVHN, CIFAR-10.1, a cache), or as
+    [N, 3, H, W] with `channels_first` (the shape world renders in the layout batches take, so its
+    images are never transposed)."""
 
-    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str], **kwargs):
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str], *,
+                 channels_first: bool = False, **kwargs):
         super().__init__(name, labels, classnames, **kwargs)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) != len(self.labels):
-            raise ValueError(f"{name}: expected uint8 images [N, H, W, 3] matching {len(self.labels)} labels, "
+        layout = "[N, 3, H, W]" if channels_first else "[N, H, W, 3]"
+        if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1 if channels_first else 3] != 3
+                or len(images) != len(self.labels)):
+            raise ValueError(f"{name}: expected uint8 images {layout} matching {len(self.labels)} labels, "
                              f"got {images.dtype} {images.shape}")
         self.images = images
+        self.channels_first = channels_first
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """`(H, W)` of the stored images."""
+        return tuple(self.images.shape[2:4] if self.channels_first else self.images.shape[1:3])
+
+    def needs_resize(self) -> bool:
+        size = self.image_resolution
+        return size is not None and self.native_size != (size, size)
+
+    def chw(self, rows) -> torch.Tensor:
+        """The stored images of `rows` (a slice or an index array) as uint8 `[B, 3, H, W]`, not resized."""
+        images = torch.from_numpy(np.array(self.images[rows]))
+        return images if self.channels_first else images.permute(0, 3, 1, 2)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self._finish(self.images[index]), int(self.labels[index])
+        image = self.images[index]
+        if self.channels_first:
+            if not self.needs_resize():
+                return torch.from_numpy(image.copy()), int(self.labels[index])
+            image = image.transpose(1, 2, 0)
+        return self._finish(image), int(self.labels[index])
 
 
 class FileImageDataset(ImageDataset):

@@ -80,10 +80,10 @@ def eval_loader(dataset: Dataset, batch_size: int, device: torch.device, *, indi
 
 
 def _array_bytes(base: ArrayImageDataset) -> int:
-    n, h, w, c = base.images.shape
+    h, w = base.native_size
     if base.image_resolution is not None:
         h = w = base.image_resolution
-    return n * h * w * c
+    return len(base.images) * 3 * h * w
 
 
 def _batch_ranges(n: int, batch_size: int, drop_last: bool) -> range:
@@ -111,13 +111,13 @@ def resident_images(base: ArrayImageDataset, device: torch.device) -> torch.Tens
     """`base`'s images as uint8 `[N, 3, H, W]` on `device`, at its `image_resolution`; built once."""
     per_device = _RESIDENT.setdefault(base, {})
     if device not in per_device:
-        n, h, w, _ = base.images.shape
-        size = base.image_resolution
-        out = torch.empty(n, 3, *((h, w) if size is None else (size, size)), dtype=torch.uint8, device=device)
+        n, size = len(base.images), base.image_resolution
+        out = torch.empty(n, 3, *(base.native_size if size is None else (size, size)), dtype=torch.uint8,
+                          device=device)
         chunk = 4096
         for start in range(0, n, chunk):
-            if size is None or (h, w) == (size, size):
-                part = torch.from_numpy(np.array(base.images[start:start + chunk])).permute(0, 3, 1, 2)
+            if not base.needs_resize():
+                part = base.chw(slice(start, start + chunk))
             else:
                 part = torch.stack([base[i][0] for i in range(start, min(n, start + chunk))])
             out[start:start + chunk] = part.to(device)
@@ -138,8 +138,8 @@ class MappedLoader:
         for start in _batch_ranges(len(order), self.batch_size, self.drop_last):
             rows = order[start:start + self.batch_size]
             sorted_rows, inverse = np.unique(rows, return_inverse=True)  # sequential reads of the file
-            if self.base.image_resolution is None or self.base.images.shape[1:3] == (self.base.image_resolution,) * 2:
-                images = torch.from_numpy(self.base.images[sorted_rows][inverse]).permute(0, 3, 1, 2)
+            if not self.base.needs_resize():
+                images = self.base.chw(sorted_rows)[torch.from_numpy(inverse)]
             else:
                 images = torch.stack([self.base[i][0] for i in rows])
             if self.device.type == "cuda":

@@ -1,8 +1,11 @@
-"""`build_dataset(name, root, split)`: every dataset of docs/method.md section 7, plus users' own data.
+"""`build_dataset(name, root, split)`: every dataset of docs/method.md section 7, plus users' own data
+and the built-in shape world.
 
 Each entry knows where its files live under `root` (the dataset's own folder, or a folder
-holding it under its usual name) and the layout shown when they are not found.
+holding it under its usual name) and the layout shown when they are not found. The shape world
+reads no files: it is rendered (`reprogrammer.data.shapeworld`) from a seed and set sizes.
 """
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,25 +29,35 @@ from .formats import (
     read_svhn,
 )
 from .images import ArrayImageDataset, FileImageDataset, ImageDataset
+from .shapeworld import COVARIATE_DOMAINS, downstream_benchmark
 
 
 @dataclass
 class _Parts:
-    data: np.ndarray | list[Path]     # uint8 images [N, H, W, 3], or image files
+    data: np.ndarray | list[Path]     # uint8 images [N, H, W, 3] ([N, 3, H, W] if channels_first), or image files
     labels: np.ndarray
     classnames: list[str]
     class_indices: np.ndarray | None = None
+    channels_first: bool = False
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     """`role`: "id" (trained on), "shift" (covariate shift, scored for accuracy) or "ood"
-    (semantic shift, scored for detection; labels become -1). `splits[0]` is the default split."""
+    (semantic shift, scored for detection; labels become -1). `splits[0]` is the default split.
+
+    A `generated` dataset reads no files: `build` renders it from keyword parameters, at
+    `image_resolution`. Its own evaluation suite may come with it: `shift_splits` and `ood_splits`
+    (label-free), and `val_split`, a validation split drawn apart from the training split."""
     name: str
     role: str
     splits: tuple[str, ...]
     layout: str
-    build: Callable[[Path, str, Path | None], _Parts]
+    build: Callable[..., _Parts]
+    generated: bool = False
+    val_split: str | None = None
+    shift_splits: tuple[str, ...] = ()
+    ood_splits: tuple[str, ...] = ()
 
 
 def _locate(root: Path, subdirs: Sequence[str], accept: Callable[[Path], bool], what: str) -> Path:
@@ -175,6 +188,29 @@ def _csv(root, split, classnames_file):
     return _Parts(paths, labels, apply_classnames_file(classnames_file, keys, keys))
 
 
+#: the shape world's side when `image_resolution` does not ask for another.
+SHAPEWORLD_RESOLUTION = 24
+_SHAPEWORLD_OOD = ("shapes", "textures")
+
+
+@functools.lru_cache(maxsize=2)
+def _shapeworld_benchmark(seed: int, resolution: int, n_train: int, n_test: int) -> dict:
+    """Every split of one world at once (they share one seed sequence); training, validation and
+    evaluation ask for its splits in turn."""
+    return downstream_benchmark(seed=seed, resolution=resolution, n_train=n_train, n_val=max(1, n_train // 9),
+                                n_test=n_test, n_shift=n_test, n_ood=n_test)
+
+
+def _shapeworld(root, split, classnames_file, *, image_resolution=None, seed=0, n_train=4000, n_test=1000):
+    bench = _shapeworld_benchmark(seed, image_resolution or SHAPEWORLD_RESOLUTION, n_train, n_test)
+    if split in _SHAPEWORLD_OOD:
+        images = bench["semantic"][split]
+        return _Parts(images, np.full(len(images), -1, dtype=np.int64), [], channels_first=True)
+    images, labels = bench[split] if split in ("train", "val", "test") else bench["covariate"][split]
+    names = bench["classnames"]
+    return _Parts(images, labels, apply_classnames_file(classnames_file, names, names), channels_first=True)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 _OOD_FOLDER_LAYOUT = """{root}/   any folder of images (.jpg .jpeg .png .bmp .ppm .pgm .tif .tiff .webp .gif),
@@ -228,6 +264,10 @@ _SPECS = [
     DatasetSpec("csv", "id", ("all",), """{root} is a CSV file with a header row naming 'path' and 'label':
   path,label
   images/0001.jpg,3        paths relative to the CSV's folder; labels integers or class names""", _csv),
+    DatasetSpec("shapeworld", "id", ("train", "val", "test", *COVARIATE_DOMAINS, *_SHAPEWORLD_OOD),
+                """rendered, no files: seed, n_train, n_test and image_resolution (default 24) choose the world""",
+                _shapeworld, generated=True, val_split="val", shift_splits=COVARIATE_DOMAINS,
+                ood_splits=_SHAPEWORLD_OOD),
 ]
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
 DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
@@ -240,18 +280,20 @@ PAPER_BENCHMARKS = {
 }
 
 
-def build_dataset(name: str, root: str | os.PathLike, split: str | None = None, *,
+def build_dataset(name: str, root: str | os.PathLike | None, split: str | None = None, *,
                   image_resolution: int | None = None, classnames: str | os.PathLike | None = None,
-                  ood: bool | None = None, max_skipped_fraction: float = 0.01) -> ImageDataset:
+                  ood: bool | None = None, max_skipped_fraction: float = 0.01, **params) -> ImageDataset:
     """The dataset `name` (one of `DATASET_NAMES`) found under `root`, yielding `(uint8 [3, H, W], label)`.
 
     `split`: None = the dataset's default (`DATASETS[name].splits[0]`). `image_resolution`: resize
-    the shorter side (PIL bicubic) and centre-crop to this size; None keeps the native size.
+    the shorter side (PIL bicubic) and centre-crop to this size; None keeps the native size (a
+    generated dataset renders at this size instead, its own default when None).
     `classnames`: a class-names file replacing the defaults (one name per line in label order,
     or `<key> <name>` lines keyed by WordNet id); ImageNet sets default to open_clip's curated
     names. `ood`: None = the dataset's role; True turns any dataset into an OOD set (labels -1,
     no classes). Unreadable image files are skipped up to `max_skipped_fraction` (see
-    `reprogrammer.data.images`).
+    `reprogrammer.data.images`). `params`: a generated dataset's parameters (`shapeworld`: `seed`,
+    `n_train`, `n_test`); `root` is then unused.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
@@ -259,20 +301,31 @@ def build_dataset(name: str, root: str | os.PathLike, split: str | None = None, 
     split = spec.splits[0] if split is None else split
     if split not in spec.splits:
         raise ValueError(f"{name} has the splits {spec.splits}, not {split!r}")
-    ood = spec.role == "ood" if ood is None else ood
-    if not ood and spec.build is _unlabelled_folder:
-        raise ValueError(f"{name} has no labels: it can only be an OOD set (ood=True)")
-    root = Path(root).expanduser()
-    try:
-        parts = spec.build(root, split, None if classnames is None else Path(classnames))
-    except DatasetLayoutError as error:
-        raise DatasetLayoutError(f"{name} ({split}) at {root}: {error}\nExpected layout:\n"
-                                 + spec.layout.replace("{root}", str(root))) from None
+    if params and not spec.generated:
+        raise ValueError(f"{name} is read from files under its root; {sorted(params)} apply only to generated "
+                         "datasets (shapeworld)")
+    label_free = spec.build is _unlabelled_folder or split in spec.ood_splits
+    ood = spec.role == "ood" or split in spec.ood_splits if ood is None else ood
+    if not ood and label_free:
+        raise ValueError(f"{name} ({split}) has no labels: it can only be an OOD set (ood=True)")
+    classnames_file = None if classnames is None else Path(classnames)
+    if spec.generated:
+        parts = spec.build(None, split, classnames_file, image_resolution=image_resolution, **params)
+        name = f"{name}-{split}"
+    else:
+        if root is None:
+            raise ValueError(f"{name} is read from files: give the folder that holds it as root")
+        root = Path(root).expanduser()
+        try:
+            parts = spec.build(root, split, classnames_file)
+        except DatasetLayoutError as error:
+            raise DatasetLayoutError(f"{name} ({split}) at {root}: {error}\nExpected layout:\n"
+                                     + spec.layout.replace("{root}", str(root))) from None
     labels, names, class_indices = parts.labels, parts.classnames, parts.class_indices
     if ood:
         labels, names, class_indices = np.full(len(labels), -1, dtype=np.int64), [], None
     options = dict(image_resolution=image_resolution, class_indices=class_indices,
                    max_skipped_fraction=max_skipped_fraction)
     if isinstance(parts.data, np.ndarray):
-        return ArrayImageDataset(name, parts.data, labels, names, **options)
+        return ArrayImageDataset(name, parts.data, labels, names, channels_first=parts.channels_first, **options)
     return FileImageDataset(name, parts.data, labels, names, **options)

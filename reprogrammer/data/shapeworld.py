@@ -568,7 +568,8 @@ def contact_sheet(images: np.ndarray, columns: int, gap: int = 1) -> np.ndarray:
 
 def sample_sheet(seed: int = 0, resolution: int = 32) -> np.ndarray:
     """A contact sheet with one row per set: ID, each covariate domain, OOD shapes, textures and
-    pretraining pairs. ID and covariate rows show every class twice, in class order."""
+    pretraining pairs. ID and covariate rows show every class twice, in class order.
+    `python -m reprogrammer.shapeworld OUT.png [RESOLUTION]` writes one, magnified."""
     columns = 2 * len(ID_CLASSES)
     rows = []
     for domain in ("id", *COVARIATE_DOMAINS):
@@ -584,13 +585,3 @@ def sample_sheet(seed: int = 0, resolution: int = 32) -> np.ndarray:
               else row for row in rows]
     return contact_sheet(np.concatenate(padded), columns, gap=2)
 
-
-if __name__ == "__main__":  # python -m reprogrammer.shapeworld sheet.png [resolution]
-    import sys
-
-    from PIL import Image
-
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m reprogrammer.shapeworld OUT.png [RESOLUTION]")
-    picture = Image.fromarray(sample_sheet(resolution=int(sys.argv[2]) if len(sys.argv) == 3 else 32))
-    picture.resize((picture.width * 3, picture.height * 3), Image.NEAREST).save(sys.argv[1])

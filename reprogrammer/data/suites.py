@@ -1,16 +1,13 @@
 """The datasets of a run: training and validation splits, and the evaluation suite
 (ID test set, covariate-shift sets, semantic-shift OOD sets) of docs/method.md section 7."""
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from ..config import Config
 from .cache import CachedImageDataset
-from .images import ArrayImageDataset
 from .registry import DATASETS, PAPER_BENCHMARKS, build_dataset
 from .splits import split_indices
 
@@ -36,38 +33,32 @@ class EvalSets:
                 if getattr(ds, "skipped", None)}
 
 
-@functools.lru_cache(maxsize=2)
-def _shapeworld(seed: int, n_train: int, n_test: int):
-    from .shapeworld import downstream_benchmark
-
-    n_val = max(1, n_train // 9)
-    return downstream_benchmark(seed=seed, resolution=24, n_train=n_train, n_val=n_val, n_test=n_test,
-                                n_shift=n_test, n_ood=n_test)
+def _generated(dataset: str) -> bool:
+    return dataset in DATASETS and DATASETS[dataset].generated
 
 
-def _array_set(name, images, labels, classnames):
-    return ArrayImageDataset(name, np.ascontiguousarray(images.transpose(0, 2, 3, 1)), labels, classnames)
-
-
-def _ood_array_set(name, images):
-    return ArrayImageDataset(name, np.ascontiguousarray(images.transpose(0, 2, 3, 1)),
-                             np.full(len(images), -1, dtype=np.int64), [])
+def _build(cfg: Config, dataset: str, root, split=None, **options):
+    """`build_dataset`; a generated dataset (the shape world) is the world of the run's seed, at
+    the configured sizes, so that training and evaluation see splits of one world."""
+    if _generated(dataset):
+        options.update(seed=cfg.train.seed, n_train=cfg.data.n_train, n_test=cfg.data.n_test)
+    return build_dataset(dataset, root, split, **options)
 
 
 def build_train_data(cfg: Config) -> TrainData:
     data = cfg.data
-    if data.dataset == "shapeworld":
-        bench = _shapeworld(cfg.train.seed, data.n_train, data.n_test)
-        names = bench["classnames"]
-        return TrainData(_array_set("shapeworld-train", *bench["train"], names),
-                         _array_set("shapeworld-val", *bench["val"], names), names)
+    options = dict(image_resolution=data.image_resolution, classnames=data.classnames_file,
+                   max_skipped_fraction=data.max_skipped_fraction)
+    splits = DATASETS[data.dataset].splits if data.dataset in DATASETS else ("train",)
+    train_split = "train" if "train" in splits else splits[0]
+    val_split = DATASETS[data.dataset].val_split if data.dataset in DATASETS else None
+    if val_split is not None:
+        train = _build(cfg, data.dataset, data.root, train_split, **options)
+        return TrainData(train, _build(cfg, data.dataset, data.root, val_split, **options), train.classnames)
     size = {"val_fraction": data.val_size} if data.val_size < 1 else {"val_size": int(data.val_size)}
     if data.cache is not None:
         return _cached_train_data(cfg, size)
-    splits = DATASETS[data.dataset].splits if data.dataset in DATASETS else ("train",)
-    train = build_dataset(data.dataset, _root(data.root, data.dataset), "train" if "train" in splits else splits[0],
-                          image_resolution=data.image_resolution, classnames=data.classnames_file,
-                          max_skipped_fraction=data.max_skipped_fraction)
+    train = _build(cfg, data.dataset, _root(data.root, data.dataset), train_split, **options)
     train_idx, val_idx = split_indices(len(train), seed=cfg.train.seed, **size)
     return TrainData(Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist()), train.classnames)
 
@@ -82,35 +73,41 @@ def _cached_train_data(cfg: Config, size: dict) -> TrainData:
 
 def build_eval_sets(cfg: Config) -> EvalSets:
     data, ecfg = cfg.data, cfg.eval
-    if data.dataset == "shapeworld":
-        bench = _shapeworld(cfg.train.seed, data.n_train, data.n_test)
-        names = bench["classnames"]
-        return EvalSets(names, _array_set("shapeworld-test", *bench["test"], names),
-                        {k: _array_set(k, *v, names) for k, v in bench["covariate"].items()},
-                        {k: _ood_array_set(k, v) for k, v in bench["semantic"].items()})
     root = _root(data.root, data.dataset)
     options = dict(image_resolution=data.image_resolution, classnames=data.classnames_file,
                    max_skipped_fraction=data.max_skipped_fraction)
-    test = _eval_set(data.dataset, ecfg.test, options) if ecfg.test else \
-        build_dataset(data.dataset, root, _test_split(data.dataset), **options)
-    paper = PAPER_BENCHMARKS.get(data.dataset, {"shift": (), "ood": ()})
-    covariate = ecfg.covariate or {name: str(Path(root).parent / name) for name in paper["shift"]}
-    semantic = ecfg.semantic or {name: str(Path(root).parent / name) for name in paper["ood"]}
+    test = _eval_set(cfg, data.dataset, ecfg.test, options) if ecfg.test else \
+        _build(cfg, data.dataset, root, _test_split(data.dataset), **options)
+    covariate = ecfg.covariate or _default_sets(data.dataset, root, "shift")
+    semantic = ecfg.semantic or _default_sets(data.dataset, root, "ood")
     return EvalSets(test.classnames, test,
-                    {name: _eval_set(name, spec, options) for name, spec in covariate.items()},
-                    {name: _eval_set(name, spec, dict(image_resolution=data.image_resolution, ood=True,
-                                                          max_skipped_fraction=data.max_skipped_fraction))
+                    {name: _eval_set(cfg, name, spec, options) for name, spec in covariate.items()},
+                    {name: _eval_set(cfg, name, spec, dict(image_resolution=data.image_resolution, ood=True,
+                                                           max_skipped_fraction=data.max_skipped_fraction))
                      for name, spec in semantic.items()})
 
 
-def _eval_set(name: str, spec, options: dict):
-    """`spec` is the root of registry dataset `name`, or `{dataset: registry name, root: ...}`."""
+def _default_sets(dataset: str, root, role: str) -> dict:
+    """The evaluation sets of `role` ("shift" or "ood") a dataset comes with: a generated one's
+    own splits, else the paper's sets in folders beside `root`."""
+    if _generated(dataset):
+        spec = DATASETS[dataset]
+        return {split: {"dataset": dataset, "split": split}
+                for split in (spec.shift_splits if role == "shift" else spec.ood_splits)}
+    paper = PAPER_BENCHMARKS.get(dataset, {"shift": (), "ood": ()})
+    return {name: str(Path(root).parent / name) for name in paper[role]}
+
+
+def _eval_set(cfg: Config, name: str, spec, options: dict):
+    """`spec` is the root of registry dataset `name`, or `{dataset: registry name, root: ...}`
+    (no root for a generated dataset)."""
     if isinstance(spec, dict):
-        if set(spec) - {"dataset", "root", "split"} or "root" not in spec:
+        dataset = spec.get("dataset", name)
+        if set(spec) - {"dataset", "root", "split"} or ("root" not in spec and not _generated(dataset)):
             raise ValueError(f"eval set {name!r}: give a root path or {{dataset: NAME, root: PATH[, split: S]}}, "
                              f"got {spec!r}")
-        return build_dataset(spec.get("dataset", name), spec["root"], spec.get("split"), **options)
-    return build_dataset(name, spec, **options)
+        return _build(cfg, dataset, spec.get("root"), spec.get("split"), **options)
+    return _build(cfg, name, spec, **options)
 
 
 def _test_split(dataset: str):
@@ -122,8 +119,8 @@ def _test_split(dataset: str):
     return held_out[0]
 
 
-def _root(root, dataset: str) -> str:
-    if root is None:
+def _root(root, dataset: str):
+    if root is None and not _generated(dataset):
         raise ValueError(f"data.root is not set: point it at the {dataset} dataset folder "
                          f"(e.g. --set data.root=/data/{dataset})")
     return root

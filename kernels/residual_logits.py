@@ -83,7 +83,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton import tl, triton
 from .backend import use_triton
-from .launch import DEFAULT_SM_COUNT, cdiv, pow2_between
+from .launch import DEFAULT_SM_COUNT, cdiv, dot_precision, pow2_between
 from .launch import sm_count as _sm_count  # a module attribute, so that tests can replace it
 
 NORM_EPS = 1e-12  # F.normalize's default; the kernels spell it out as a literal
@@ -344,10 +344,7 @@ KEPT_CONFIGS = ((64, 4, 2), (64, 8, 1), (32, 8, 2))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # Follow PyTorch's own fp32 matmul setting so the kernel and the reference agree.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    return dot_precision(dtype, replaces="matmul")
 
 
 def _plan(B: int, C: int, D: int, element_size: int, precision: str, sms: int, kernel: str) -> dict:

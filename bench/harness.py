@@ -1,12 +1,14 @@
 """Shared setup of every benchmark: timing, measured ceilings, environment record, results files.
 
-A benchmark times each provider (`time_fn`), turns times into throughput, relates it to the
-ceilings measured in the same run (`measure_ceilings`, `add_peak_fractions`) and to the other
-providers (`add_speedups`), then writes JSON + markdown named by device and date
-(`write_results`) so that the numbers can be committed with the code they were measured on.
+A benchmark times each provider (`time_fn`; `cpu_threads` fixes the CPU's thread count), turns
+times into throughput, relates it to the ceilings measured in the same run (`measure_ceilings`,
+`add_peak_fractions`) and to the other providers (`add_speedups`), then writes JSON + markdown
+named by device and date (`write_results`) so that the numbers can be committed with the code
+they were measured on.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -14,7 +16,7 @@ import platform
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -39,6 +41,21 @@ def _device(device: str | torch.device | None) -> torch.device:
     if device.type not in CEILING_SIZES:
         raise ValueError(f"benchmarks run on 'cuda' or 'cpu', got device {str(device)!r}")
     return device
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Run the block with `count` intra-op CPU threads (None: leave torch's setting alone).
+
+    On a loaded machine one thread is the honest setting for small ops: a second thread that
+    waits for a time slice turns every parallel op into a scheduler quantum (~10-30 ms)."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def time_fn(

@@ -25,7 +25,7 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from bench.harness import (
     REPO_ROOT,
     add_peak_fractions,
     add_speedups,
+    cpu_threads,
     environment_info,
     markdown_table,
     measure_ceilings,
@@ -77,21 +78,6 @@ COUNTED = {
              "matrices read, four per-row results written (int64 + 3 x fp32). full = forward + "
              "backward.",
 }
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """Run the block with `count` intra-op CPU threads (None: leave torch's setting alone).
-
-    On a loaded machine one thread is the honest setting for small ops: a second thread that
-    waits for a time slice turns every parallel op into a scheduler quantum (~10-30 ms)."""
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)

@@ -57,12 +57,12 @@ from bench.harness import (
     QUANTILES,
     REPO_ROOT,
     add_speedups,
+    cpu_threads,
     environment_info,
     markdown_table,
     plot_throughput,
     write_results,
 )
-from bench.kernels import cpu_threads
 from reprogrammer import kernels
 from reprogrammer.clip import image_normalisation, load_clip
 from reprogrammer.constants import DEFAULT_TEMPLATE
@@ -243,26 +243,22 @@ def residual_forward(model: ReprogrammerClassifier, device: torch.device, precis
     return make
 
 
-def pipeline_groups(setup: Setup):
-    """Builders of `{(task, pipeline): (backend, workload)}`; one group, so that every row is timed
-    in the same round robin (three model copies fit any device this runs on)."""
+def pipelines(setup: Setup) -> dict:
+    """`{(task, pipeline): (backend, workload)}` of every row, all built at once so that they are
+    timed in one round robin (their three model copies fit any device this runs on)."""
     dev, precision = setup.device, setup.precision
-
-    def everything():
-        authors = AuthorsPipeline(setup.fresh_clip(), setup.tokenizer, CLASSNAMES,
-                                  up_resolution=setup.up_resolution, mr_resolution=setup.mr_resolution)
-        eager = setup.reprogrammer(compiled=False)
-        ours = setup.reprogrammer(compiled=setup.compile)
-        return {
-            ("train", "authors"): ("torch", train_step(authors.loss, authors.optimizers(), dev, "fp32")),
-            ("train", "eager-amp"): ("torch", train_step(eager.loss, reprogrammer_optimizers(eager), dev, precision)),
-            ("eval", "naive-two-pass"): ("torch", naive_two_pass(eager, setup.tokenizer, dev, precision)),
-            ("train", "ours"): ("auto", train_step(ours.loss, reprogrammer_optimizers(ours), dev, precision)),
-            ("train", "lower-bound"): ("auto", lower_bound_step(ours, dev, precision)),
-            ("eval", "ours"): ("auto", residual_forward(ours, dev, precision)),
-        }
-
-    return (everything,)
+    authors = AuthorsPipeline(setup.fresh_clip(), setup.tokenizer, CLASSNAMES,
+                              up_resolution=setup.up_resolution, mr_resolution=setup.mr_resolution)
+    eager = setup.reprogrammer(compiled=False)
+    ours = setup.reprogrammer(compiled=setup.compile)
+    return {
+        ("train", "authors"): ("torch", train_step(authors.loss, authors.optimizers(), dev, "fp32")),
+        ("train", "eager-amp"): ("torch", train_step(eager.loss, reprogrammer_optimizers(eager), dev, precision)),
+        ("eval", "naive-two-pass"): ("torch", naive_two_pass(eager, setup.tokenizer, dev, precision)),
+        ("train", "ours"): ("auto", train_step(ours.loss, reprogrammer_optimizers(ours), dev, precision)),
+        ("train", "lower-bound"): ("auto", lower_bound_step(ours, dev, precision)),
+        ("eval", "ours"): ("auto", residual_forward(ours, dev, precision)),
+    }
 
 
 def measure_round_robin(steps: dict, n_steps: int, warmup: int, device: torch.device,
@@ -384,14 +380,13 @@ def run(args) -> int:
         extra["load_avg_start"] = os.getloadavg()
     rows: list[dict] = []
     with GpuTelemetry() as telemetry:
-        for build in pipeline_groups(setup):
-            for batch_rows in measure_group(build, batches, setup, args, extra["errors"]):
-                rows += batch_rows
-                extra["telemetry"] = telemetry.summary()
-                if hasattr(os, "getloadavg"):
-                    extra["load_avg_end"] = os.getloadavg()
-                if rows:
-                    paths = write(rows, env, extra, args.out)
+        for batch_rows in measure_batches(batches, setup, args, extra["errors"]):
+            rows += batch_rows
+            extra["telemetry"] = telemetry.summary()
+            if hasattr(os, "getloadavg"):
+                extra["load_avg_end"] = os.getloadavg()
+            if rows:
+                paths = write(rows, env, extra, args.out)
     if not rows:
         raise SystemExit("every pipeline failed: " + "; ".join(extra["errors"]))
     print(f"wrote {paths[0]}, {paths[1]} and {paths[2]}")
@@ -399,13 +394,13 @@ def run(args) -> int:
     return 1 if extra["errors"] else 0
 
 
-def measure_group(build, batches, setup: Setup, args, errors: list[str]) -> Iterator[list[dict]]:
-    """Rows of one model's workloads, a batch size at a time, so that the caller saves as it goes.
-    A failing build or measurement (memory, a kernel) is recorded in `errors`, and the run goes on."""
+def measure_batches(batches, setup: Setup, args, errors: list[str]) -> Iterator[list[dict]]:
+    """Rows of every pipeline, a batch size at a time, so that the caller saves as it goes. A
+    failing build or measurement (memory, a kernel) is recorded in `errors`, and the run goes on."""
     try:
-        workloads = build()
+        workloads = pipelines(setup)
     except Exception as err:
-        _record(errors, "building a pipeline", err)
+        _record(errors, "building the pipelines", err)
         return
     try:
         for batch in batches:

@@ -1,5 +1,12 @@
 """Padded image reprogramming fused with the ViT patch embedding (docs/method.md section 1).
 
+Why fuse: the reprogrammed canvas exists only to be cut into patches and multiplied by the
+frozen patch weight. Computed in PyTorch it is a chain of full-size fp32 passes over
+`[B, 3, S, S]` (resize, pad, add, clamp, normalise) before the convolution, and a backward that
+writes the canvas gradient and reads it back with the clamp mask. Here each canvas pixel is
+computed once, straight into the GEMM's operand, and the backward reduces over the batch inside
+its GEMM.
+
     tokens[b, n, :] = W @ patch_n( normalise( clamp( pad_o( bicubic_U(x_b) ) + P, 0, 1 ) ) )
 
 `x` is `[B, 3, h, w]`, uint8 (scaled by 1/255, the fp32 constant `UINT8_SCALE`, in the kernel
@@ -21,91 +28,36 @@ the tokens of its own image (the clamp propagates NaN; the kernel's matrix resiz
 over the 64-row bands of its channel plane, the reference's over the 4 x 4 neighbourhood) and
 passes no gradient.
 
-Design (H200 / sm_90a)
-----------------------
-Three kernels. (1) `_reprogram_canvas_kernel` computes every reprogrammed, normalised pixel once
-and writes it in patch-row (im2col) layout `A[b * (S/p)^2 + n, (c, ky, kx)]` in the GEMM operand
-dtype, plus the clamp mask as bits (bit x % 32 of int32 word `[b, c, y, x / 32]`). The bicubic
-resize is separable: per image plane `Ry @ X @ Rx^T` with `Ry [S, h]`, `Rx [S, w]` built on the
-host once per call (taps, Keys weights, border clamping and the zero padding rows folded in), run
-as two tensor-core products per band (TF32x3, i.e. fp32-accurate; IEEE FMA when TF32 is off);
-each source element is read once per 64-row band. (2) `_patch_gemm_kernel`: tokens = A @ W^T
-(+ pos) with 128 x 128 x 64 tiles (bf16/fp16: 4 stages; TF32: 128 x 128 x 32, 3 stages),
-grouped program order (8 row tiles share W column tiles in L2), the K loop of compile-time
-length. (3) `_patch_grad_kernel`: G = dTokens @ W with rows ordered patch-major, one tile =
-128 images of one patch x 128 pixels; the epilogue reads each image's mask bit, sums the tile's
-images (fp32) and scales by 1/std_c, writing one partial row per image chunk; the partials
-(`ceil(B / 128)` of them) are summed once: deterministic, no atomics. 2352 programs at ViT-B/32
-B=256 (18 waves of 132 SMs).
+Three kernels:
+1. `_reprogram_canvas_kernel` writes every reprogrammed, normalised pixel once, in patch-row
+   (im2col) layout `A[b (S/p)^2 + n, (c, ky, kx)]` and the GEMM operand dtype, and, when a
+   gradient will be asked for, the clamp mask as bits (bit x % 32 of int32 word [b, c, y, x / 32]).
+   The bicubic resize is linear and separable, `Ry @ X @ Rx^T` per image plane, run as two
+   fp32-accurate tensor-core products per band of canvas rows.
+2. `_patch_gemm_kernel`: tokens = A @ W^T (+ pos), a plain pipelined GEMM, programs grouped so
+   that neighbouring row tiles share the weight's column tiles in L2.
+3. `_patch_grad_kernel`: G = g @ W with rows in patch-major order, so that a tile holds many
+   images of one patch; its epilogue applies each image's mask bit, sums the tile's images and
+   scales by 1/std_c into one fp32 partial per image chunk, and the partials are summed once:
+   deterministic, no atomics.
 
-Why write A instead of keeping an A row block on chip while sweeping the N tiles: a 128-row
-block of A is 128 x 3 p^2 x 2 B = 768 KB at p = 32 (384 KB for 64 rows), more than the 228 KB
-of shared memory of an SM; only ViT-B/16 (192 KB) would fit, leaving nothing for the weight
-pipeline. Writing A costs 77 MB out and 77 MB back at ViT-B/32 B=256 bf16 (~36 us of HBM at
-4.3 TB/s) and buys a plain pipelined wgmma GEMM and a canvas computed exactly once. Why mask
-bits instead of recomputing the clamp in the backward: 4.8 MB written and read (B=256, S=224)
-against either the 16-tap bicubic per pixel again in the GEMM epilogue (the old kernel's cost)
-or re-reading A (77 MB), which cannot tell saturation from rounding. Bits are written only when
-a gradient will be asked for.
+Why A is written out instead of kept on chip while the width tiles sweep past it: a 128-row
+block of A is 128 x 3 p^2 x 2 bytes = 768 KB at p = 32, beyond an SM's 228 KB of shared memory.
+Writing it and reading it back buys a canvas computed exactly once and a standard wgmma GEMM.
+Why mask bits instead of recomputing the clamp in the backward: one bit per pixel, against the
+16-tap resize per pixel again, or re-reading A, which cannot tell saturation from rounding.
 
-Compulsory traffic and work, ViT-B/32, B=256, 32 -> 224, bf16 (`sm90_cases` computes them):
-forward = canvas 85.7 MB (fp32 images; 83.4 MB uint8) + GEMM 101.2 MB = 187 MB, 59.2 GFLOP
-(+ 2.8 GFLOP of resize, x3 for TF32x3); backward = 30.6 MB, 59.2 GFLOP. What the reference must
-move at the same shape (counted from its ops, not measured): eager ~2.1 GB forward (seven
-full-size fp32 passes over [256, 3, 224, 224] = 154 MB each, read + write) and ~2 GB backward;
-torch.compile(reference) fuses the pointwise chain into one pass that writes the bf16 canvas
-(~180-250 MB forward, about ours) but its backward writes the [B, 3, S, S] canvas gradient and
-reads it back with the saved mask (~200 MB against our 31 MB). ESTIMATED on the H200 (790
-TFLOP/s bf16, 4.3 TB/s; GEMMs at 70-80 % of peak, 4.45 waves for the forward GEMM): forward
-~0.12-0.15 ms, backward ~0.10-0.12 ms, against the issue's estimates of 1.15 / 0.54 ms (eager),
-0.48 / 0.26 ms (compiled reference) and 1.9 / 5.1 ms (the previous fused kernels). Not measured:
-no GPU was available.
+Precision follows the convolution this op replaces: fp32 weights use TF32 exactly where cuDNN
+would (`torch.backends.cudnn.allow_tf32`, see `launch.dot_precision`), IEEE fp32 otherwise;
+16-bit weights, or autocast, give 16-bit operands with fp32 accumulation.
 
-MEASURED offline (`triton.compile(..., target=GPUTarget("cuda", 90, 32))`, the triton 3.8
-wheel's `ptxas -v --gpu-name sm_90a` and `cuobjdump -sass`, with the launchers' configurations
-via `sm90_cases`; the kernels were compiled, never run). B=256 for ViT-B/32 and B/16, 128 for
-L/14; S = 224; fp32 means TF32 (the default, `cudnn.allow_tf32`). Registers / spill bytes /
-shared memory / CTAs per SM, MMA instruction, SASS instructions per iteration of the hot loop:
+The registers, spills, shared memory, MMA instructions and traffic bounds of every
+configuration the launchers choose are in the committed offline compile reports,
+bench/results/compile-sm90a-offline-*.md (`python -m bench.compile_report patch-embed`).
 
-    canvas, 32 px source   128-157 regs, 0 spill, 28 KB, 3-4 CTAs/SM, HGMMA.64x32x8.TF32,
-                           434-482 per 64 x 32 pixel step (4 warps)
-    canvas, 224 (no resize) 40-56 regs, 0 spill, <= 4 KB, 9-12 CTAs/SM, no MMA, 133-181 per
-                           32 x 32 pixel step
-    GEMM bf16               180-193 regs, 0 spill, 128 KB, 1 CTA/SM, HGMMA.64x128x16.BF16,
-                           104 per 64-wide K step (B/32), 152 (L/14: K = 588 is not a multiple
-                           of 64, masked 8-byte copies), fully unrolled at K = 768 (B/16)
-    GEMM fp32 (TF32)        142-153 regs, 0 spill, 96 KB, 1 CTA/SM, HGMMA.64x128x8.TF32, 85-86
-    gradient bf16           205-207 regs, 0 spill, 128 KB, 1 CTA/SM, HGMMA.64x128x16.BF16,
-                           97 per 64-wide width step (112 at L/14)
-    gradient fp32 (TF32)    209 regs, 0 spill, 96 KB, 1 CTA/SM, HGMMA.64x128x8.TF32, 111-114
-    IEEE fp32 (allow_tf32 off), ViT-B/32: FMA loops, 92-193 regs, no spills.
-Loads in the GEMM loops are cp.async (LDGSTS.128) issued 2-3 K steps ahead (`DEPBAR.LE SB0, 4`
-at the top of a 4-stage loop) and each wgmma group is waited for one iteration later. Issue is
-not the limit there (estimate): a 128 x 128 x 64 bf16 step is 2.1 MFLOP, ~1024 tensor-core
-cycles of an SM, while its 8 warps issue 8 x 104 instructions over 4 schedulers, ~210 cycles
-(~300 at L/14). The pointer bookkeeping left in the loop (~40 moves and adds) would go with TMA
-descriptors, not tried here: they need the GPU stack's descriptor support in wrap_triton.
-
-Warp instructions issued per token element (B (S/p)^2 width), all kernels of the pass, from the
-SASS (loop bodies x trip counts + straight-line code), previous kernels -> these:
-
-                        forward bf16       forward fp32      backward bf16     backward fp32
-    B/32  32 -> 224     102 -> 7.7 (13x)   106 -> 9.5 (11x)   83 -> 4.5 (19x)   97 -> 7.5 (13x)
-    B/32 224 -> 224      22 -> 5.1 (4.4x)   23 -> 6.9 (3.3x)  23 -> 4.5 (5.1x)  34 -> 7.5 (4.6x)
-    B/16  32 -> 224      23 -> 1.8 (13x)    24 -> 2.1 (12x)   21 -> 1.1 (18x)   24 -> 1.9 (13x)
-    B/16 224 -> 224     6.0 -> 1.1 (5.3x)  6.3 -> 1.4 (4.4x) 5.7 -> 1.1 (5.1x) 8.6 -> 1.9 (4.6x)
-    L/14  32 -> 224      26 -> 1.9 (14x)    27 -> 2.0 (13x)   12 -> 0.9 (13x)   14 -> 1.5 (9x)
-    L/14 224 -> 224     8.4 -> 1.6 (5.2x)  8.7 -> 1.7 (5.2x) 3.7 -> 0.9 (4.1x) 5.2 -> 1.5 (3.5x)
-
-Without a resize the previous kernels had little per-pixel work to repeat, so the gain there is
-3.3-5.3x, not the 5x aimed for: what is left is the canvas pass (~0.6 warp instructions per
-pixel: load, add, clamp, normalise, convert, mask bit; it is bound by its 77 MB of stores, not
-by issue) and the GEMM loop itself. The previous kernels used HGMMA 64x64 (forward) and
-64x8 / 64x16 (backward) with 2 stages.
-
-Layout of this file: the Triton kernels, the launch configurations and launchers, the
-compile-report description (`sm90_cases`), the PyTorch reference (test oracle, CPU path and
-export path), then the `reprogrammer::` operators and the public entry point.
+Layout of this file: the PyTorch reference (test oracle, CPU path and export path), the Triton
+kernels, their launch configurations and launchers (with `sm90_cases`, the same configurations
+described for the compile report), the `reprogrammer::` triton_ops, then the public entry point.
 """
 from typing import Optional, Sequence
 
@@ -115,9 +67,109 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ._triton import tl, triton
 from .backend import use_triton
-from .launch import cdiv, pow2_between
+from .launch import DEFAULT_SM_COUNT, as_dtype, cdiv, dot_precision, pow2_between, sm_count, triton_signature
 
 UINT8_SCALE = 1.0 / 255.0  # uint8 pixels -> [0, 1]; the kernel and the reference both multiply by it
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(images, perturbation, weight, up_resolution, mean, std, pos_embed):
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images must be [B, 3, h, w] (RGB, channels first), got shape {tuple(images.shape)}; "
+            "convert grey or RGBA images to RGB first"
+        )
+    if not (images.is_floating_point() or images.dtype == torch.uint8):
+        raise TypeError(
+            f"images must be uint8 (0-255) or floating point in [0, 1], got {images.dtype}; convert "
+            "other integer images to uint8, or divide them by their maximum value (255 for 8 bits)"
+        )
+    if perturbation.dim() != 3 or perturbation.shape[0] != 3 or perturbation.shape[1] != perturbation.shape[2]:
+        raise ValueError(f"perturbation must be [3, S, S], got {tuple(perturbation.shape)}")
+    canvas = perturbation.shape[-1]
+    if not 1 <= up_resolution <= canvas:
+        raise ValueError(
+            f"up_resolution={up_resolution} must lie in [1, canvas size {canvas}]: the upsampled "
+            "image is placed inside the canvas"
+        )
+    if weight is not None:
+        if weight.dim() != 4 or weight.shape[1] != 3 or weight.shape[2] != weight.shape[3]:
+            raise ValueError(f"patch weight must be [width, 3, p, p], got {tuple(weight.shape)}")
+        patch = weight.shape[-1]
+        if canvas % patch:
+            raise ValueError(f"canvas size {canvas} is not a multiple of the patch size {patch}")
+        if pos_embed is not None and tuple(pos_embed.shape) != ((canvas // patch) ** 2, weight.shape[0]):
+            raise ValueError(
+                f"pos_embed must be [(S/p)^2, width] = [{(canvas // patch) ** 2}, {weight.shape[0]}], "
+                f"got {tuple(pos_embed.shape)}"
+            )
+        devices = {t.device for t in (images, perturbation, weight, pos_embed) if t is not None}
+        if len(devices) > 1:
+            raise ValueError(
+                f"images, perturbation, weight and pos_embed must be on one device, got "
+                f"{sorted(str(d) for d in devices)}; move them with .to(device)"
+            )
+    for name, value in (("mean", mean), ("std", std)):
+        if len(value) != 3:
+            raise ValueError(f"{name} must have 3 entries (one per RGB channel), got {len(value)}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+
+
+def _unclamped_canvas(images: torch.Tensor, perturbation: torch.Tensor, up_resolution: int) -> torch.Tensor:
+    """`pad_o(bicubic_U(x)) + P`, `[B, 3, S, S]` in the images' dtype (fp32 for uint8 images,
+    scaled by the kernel's fp32 constant 1/255, so both round alike)."""
+    canvas = perturbation.shape[-1]
+    if images.dtype == torch.uint8:
+        images = images.float() * UINT8_SCALE
+    if images.shape[-2:] != (up_resolution, up_resolution):
+        images = F.interpolate(images, size=(up_resolution, up_resolution), mode="bicubic",
+                               align_corners=False)
+    before = (canvas - up_resolution) // 2
+    after = canvas - up_resolution - before
+    return F.pad(images, (before, after, before, after)) + perturbation.to(images.dtype)
+
+
+def _channel_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+
+
+def reprogram_image(images: torch.Tensor, perturbation: torch.Tensor, *, up_resolution: int,
+                    mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The reprogrammed, normalised canvas `[B, 3, S, S]` (reference; steps 1-5 of docs/method.md 1).
+    uint8 images are scaled by 1/255 first; float images are taken as they are (NaN propagates)."""
+    _check_inputs(images, perturbation, None, up_resolution, mean, std, None)
+    x = _unclamped_canvas(images, perturbation, up_resolution).clamp(0, 1)
+    return (x - _channel_view(mean, x)) / _channel_view(std, x)
+
+
+def reprogram_patch_embed_ref(images: torch.Tensor, perturbation: torch.Tensor, weight: torch.Tensor, *,
+                              up_resolution: int, mean: Sequence[float], std: Sequence[float],
+                              pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: `reprogram_image` then the stride-`p` convolution, as `[B, (S/p)^2, width]` tokens."""
+    _check_inputs(images, perturbation, weight, up_resolution, mean, std, pos_embed)
+    x = reprogram_image(images, perturbation, up_resolution=up_resolution, mean=mean, std=std)
+    patch = weight.shape[-1]
+    tokens = F.conv2d(x.to(weight.dtype), weight, stride=patch)
+    tokens = tokens.flatten(2).transpose(1, 2)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed.to(tokens.dtype)
+    return tokens
+
+
+def _perturbation_grad_ref(grad_tokens, images, perturbation, weight, up_resolution, std):
+    """The module docstring's dL/dP in closed form (materialises `[B, 3, S, S]`; CPU path)."""
+    batch, _, width = grad_tokens.shape
+    side = perturbation.shape[-1] // weight.shape[-1]
+    grad_patches = grad_tokens.transpose(1, 2).reshape(batch, width, side, side)
+    grad_canvas = F.conv_transpose2d(grad_patches.to(weight.dtype), weight, stride=weight.shape[-1]).float()
+    v = _unclamped_canvas(images, perturbation, up_resolution)
+    grad = torch.where((v > 0) & (v < 1), grad_canvas, 0.0) / _channel_view(std, grad_canvas)
+    return grad.sum(0).to(perturbation.dtype)
+
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -377,9 +429,6 @@ def _patch_grad_kernel(
 # Launch configurations: one table, used by the launchers and by `sm90_cases` alike.
 # --------------------------------------------------------------------------------------------
 
-
-SM_COUNT = 132  # H200; only used to size tiles so that a wave fills the GPU
-
 # GEMM tiles per operand kind (the autotune-free table): 16-bit operands use 128 x 128 tiles with
 # a 64-wide K step and 4 stages (2 x 16 KB per stage); TF32 halves the K step (same bytes per
 # stage); IEEE fp32 becomes FMA loops, where a 64-row tile keeps the accumulator in registers.
@@ -396,30 +445,37 @@ def _operand_kind(dtype: torch.dtype, ieee_fp32: bool) -> str:
     return "ieee" if ieee_fp32 else "tf32"
 
 
-def _dot_precision(kind: str) -> str:
+def _gemm_precision(kind: str) -> str:
+    """The GEMMs' `tl.dot` input precision (16-bit operands ignore it)."""
     return "ieee" if kind == "ieee" else "tf32"
 
 
-def _gemm_tiles(rows: int, cols: int, red: int, kind: str, repeats: int = 1) -> dict:
+def _resize_precision(kind: str) -> str:
+    """The resize's: its operands are fp32 whatever the GEMM's, and TF32x3 keeps it fp32-accurate."""
+    return "ieee" if kind == "ieee" else "tf32x3"
+
+
+def _gemm_tiles(rows: int, cols: int, red: int, kind: str, sms: int, repeats: int = 1) -> dict:
     """Tiles for `repeats` independent [rows x red] @ [red x cols] products, shrunk to the problem
-    (interpreter-sized tests) and to 64 rows when 128-row tiles would leave SMs idle."""
+    (interpreter-sized tests) and to 64 rows when 128-row tiles would fill fewer than two waves
+    of the `sms` streaming multiprocessors."""
     top = _GEMM_TABLE[kind]
     block_m = pow2_between(rows, 16, top["BLOCK_M"])
     block_n = pow2_between(cols, 16, top["BLOCK_N"])
-    if block_m == 128 and repeats * cdiv(rows, 128) * cdiv(cols, block_n) < 2 * SM_COUNT:
+    if block_m == 128 and repeats * cdiv(rows, 128) * cdiv(cols, block_n) < 2 * sms:
         block_m = 64
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=pow2_between(red, 16, top["BLOCK_K"]),
                 num_warps=top["num_warps"] if block_m * block_n >= 8192 else 4, num_stages=top["num_stages"])
 
 
-def _forward_gemm_config(rows: int, width: int, patch: int, kind: str) -> dict:
-    return dict(_gemm_tiles(rows, width, 3 * patch * patch, kind), GROUP_M=8)
+def _forward_gemm_config(rows: int, width: int, patch: int, kind: str, sms: int) -> dict:
+    return dict(_gemm_tiles(rows, width, 3 * patch * patch, kind, sms), GROUP_M=8)
 
 
-def _backward_gemm_config(batch: int, n_patches: int, width: int, patch: int, kind: str) -> dict:
+def _backward_gemm_config(batch: int, n_patches: int, width: int, patch: int, kind: str, sms: int) -> dict:
     """Rows of G are (patch, image) pairs, but a tile never spans two patches: one product of
     [B x width] @ [width x 3 p^2] per patch."""
-    return _gemm_tiles(batch, 3 * patch * patch, width, kind, repeats=n_patches)
+    return _gemm_tiles(batch, 3 * patch * patch, width, kind, sms, repeats=n_patches)
 
 
 def _canvas_config(h: int, w: int, canvas: int, resize: bool) -> dict:
@@ -438,8 +494,7 @@ def _canvas_config(h: int, w: int, canvas: int, resize: bool) -> dict:
 
 
 def _ieee_fp32(weight: torch.Tensor) -> bool:
-    # Mirror the convolution this kernel replaces: TF32 for fp32 only where cuDNN would use it.
-    return weight.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+    return dot_precision(weight.dtype, replaces="conv") == "ieee"
 
 
 def _resize_matrix(size_in: int, size_out: int, canvas: int, offset: int, device) -> torch.Tensor:
@@ -496,7 +551,7 @@ def _canvas_launch(images, perturbation, up_resolution, patch, dtype, mean, std,
         mean0=mean[0], mean1=mean[1], mean2=mean[2],
         inv_std0=1.0 / std[0], inv_std1=1.0 / std[1], inv_std2=1.0 / std[2],
         CANVAS=canvas, PATCH=patch, RESIZE=resize, STORE_BITS=store_bits,
-        DOT_PRECISION="ieee" if kind == "ieee" else "tf32x3")
+        DOT_PRECISION=_resize_precision(kind))
 
 
 def _mask_words(canvas: int) -> int:
@@ -536,12 +591,12 @@ def reprogram_patch_embed_forward(images: torch.Tensor, perturbation: torch.Tens
     rows, bits = reprogram_patch_rows(images, perturbation, up_resolution, patch, weight.dtype, mean, std,
                                       store_bits=store_bits, ieee_fp32=kind == "ieee")
     tokens = torch.empty(batch, n_patches, width, device=images.device, dtype=weight.dtype)
-    config = _forward_gemm_config(batch * n_patches, width, patch, kind)
+    config = _forward_gemm_config(batch * n_patches, width, patch, kind, sm_count(images.device))
     grid = (cdiv(batch * n_patches, config["BLOCK_M"]) * cdiv(width, config["BLOCK_N"]),)
     torch.library.wrap_triton(_patch_gemm_kernel)[grid](
         rows, weight.reshape(width, -1).contiguous(), weight if pos_embed is None else pos_embed.contiguous(),
         tokens, batch * n_patches, width, K=3 * patch * patch, N_PATCHES=n_patches, HAS_POS=pos_embed is not None,
-        DOT_PRECISION=_dot_precision(kind), **config)
+        DOT_PRECISION=_gemm_precision(kind), **config)
     return tokens, bits
 
 
@@ -553,15 +608,15 @@ def reprogram_patch_embed_backward(grad_tokens: torch.Tensor, bits: torch.Tensor
     patch = weight.shape[-1]
     canvas = perturbation.shape[-1]
     kind = _operand_kind(weight.dtype, _ieee_fp32(weight))
-    config = _backward_gemm_config(batch, n_patches, width, patch, kind)
+    config = _backward_gemm_config(batch, n_patches, width, patch, kind, sm_count(grad_tokens.device))
     chunks = cdiv(batch, config["BLOCK_M"])
     partial = torch.empty(chunks, 3, canvas, canvas, device=grad_tokens.device, dtype=torch.float32)
     grid = (n_patches * chunks * cdiv(3 * patch * patch, config["BLOCK_N"]),)
     torch.library.wrap_triton(_patch_grad_kernel)[grid](
         grad_tokens.to(weight.dtype).contiguous(), weight.reshape(width, -1).contiguous(), bits, partial,
         batch, width, inv_std0=1.0 / std[0], inv_std1=1.0 / std[1], inv_std2=1.0 / std[2],
-        CANVAS=canvas, PATCH=patch, EVEN_N=width % config["BLOCK_K"] == 0, DOT_PRECISION=_dot_precision(kind),
-        **config)
+        CANVAS=canvas, PATCH=patch, EVEN_N=width % config["BLOCK_K"] == 0,
+        DOT_PRECISION=_gemm_precision(kind), **config)
     grad = partial[0] if chunks == 1 else partial.sum(0)
     return grad.to(perturbation.dtype)
 
@@ -569,42 +624,6 @@ def reprogram_patch_embed_backward(grad_tokens: torch.Tensor, bits: torch.Tensor
 # --------------------------------------------------------------------------------------------
 # What the launchers run at a shape, for the offline sm_90a compile report
 # --------------------------------------------------------------------------------------------
-
-_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
-                 torch.int32: "i32"}
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "u8": torch.uint8,
-             "uint8": torch.uint8}
-    return names[dtype]
-
-
-def _signature(kernel, args: list, constexprs: dict) -> tuple[dict, dict]:
-    """Triton signature strings, in the kernel's argument order, for `(name, value)` pairs:
-    ("ptr", dtype) -> "*bf16" etc., int -> "i32"/"i64", float -> "fp32"; meta-parameters ->
-    "constexpr". Also the runtime values."""
-    types, values = {}, {}
-    signature = types
-    for name, value in args:
-        if isinstance(value, tuple):
-            signature[name] = "*" + _TRITON_TYPES[value[1]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-            values[name] = value
-        else:
-            signature[name] = "fp32"
-            values[name] = value
-    types.update({name: "constexpr" for name in constexprs})
-    if set(types) != set(kernel.arg_names):
-        raise AssertionError(f"{kernel.__name__}: arguments {sorted(set(types) ^ set(kernel.arg_names))} "
-                             "differ between the launcher's description and the kernel")
-    return {name: types[name] for name in kernel.arg_names}, values
-
 
 def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patch: int, width: int, dtype,
                *, images_dtype="fp32", ieee_fp32: bool = False, backward: bool = True) -> list[dict]:
@@ -614,8 +633,9 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
     the hot loop per program (for per-output instruction counts), flops and compulsory bytes.
 
     `dtype` is the GEMM operand dtype (the weight's, or autocast's); `ieee_fp32` mirrors
-    `torch.backends.cudnn.allow_tf32 = False` for fp32."""
-    dtype, images_dtype = _as_dtype(dtype), _as_dtype(images_dtype)
+    `torch.backends.cudnn.allow_tf32 = False` for fp32. Tiles are sized for `DEFAULT_SM_COUNT`
+    SMs, the H100's and H200's, which the sm_90a report is for."""
+    dtype, images_dtype = as_dtype(dtype), as_dtype(images_dtype)
     size, src_size = torch.finfo(dtype).bits // 8, (1 if images_dtype == torch.uint8 else 4)
     kind = _operand_kind(dtype, ieee_fp32)
     n_patches = (canvas // patch) ** 2
@@ -626,7 +646,7 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
 
     config = _canvas_config(h, w, canvas, resize)
     constexprs = dict(CANVAS=canvas, PATCH=patch, RESIZE=resize, STORE_BITS=backward,
-                      DOT_PRECISION="ieee" if kind == "ieee" else "tf32x3",
+                      DOT_PRECISION=_resize_precision(kind),
                       **{key: value for key, value in config.items() if key.isupper()})
     args = [("images_ptr", ("ptr", images_dtype)), ("perturbation_ptr", ("ptr", torch.float32)),
             ("resize_y_ptr", ("ptr", torch.float32)), ("resize_x_ptr", ("ptr", torch.float32)),
@@ -634,7 +654,7 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
             ("up_res", up_resolution), ("offset", (canvas - up_resolution) // 2), ("scale", 1.0),
             ("mean0", 0.48), ("mean1", 0.46), ("mean2", 0.41), ("inv_std0", 3.7), ("inv_std1", 3.8),
             ("inv_std2", 3.6)]
-    signature, values = _signature(_reprogram_canvas_kernel, args, constexprs)
+    signature, values = triton_signature(_reprogram_canvas_kernel, args, constexprs)
     resize_flops = 2 * batch * 3 * canvas * (h * w + canvas * w) if resize else 0
     cases.append(dict(
         name="canvas", kernel=_reprogram_canvas_kernel, signature=signature, constexprs=constexprs, values=values,
@@ -645,12 +665,12 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
         bytes=batch * 3 * h * w * src_size + 3 * canvas * canvas * 4 + rows * k * size
         + (batch * 3 * canvas * words * 4 if backward else 0) + (2 * canvas * (h + w) * 4 if resize else 0)))
 
-    config = _forward_gemm_config(rows, width, patch, kind)
-    constexprs = dict(K=k, N_PATCHES=n_patches, HAS_POS=True, DOT_PRECISION=_dot_precision(kind),
+    config = _forward_gemm_config(rows, width, patch, kind, DEFAULT_SM_COUNT)
+    constexprs = dict(K=k, N_PATCHES=n_patches, HAS_POS=True, DOT_PRECISION=_gemm_precision(kind),
                       **{key: value for key, value in config.items() if key.isupper()})
     args = [("a_ptr", ("ptr", dtype)), ("weight_ptr", ("ptr", dtype)), ("pos_ptr", ("ptr", torch.float32)),
             ("out_ptr", ("ptr", dtype)), ("M", rows), ("N", width)]
-    signature, values = _signature(_patch_gemm_kernel, args, constexprs)
+    signature, values = triton_signature(_patch_gemm_kernel, args, constexprs)
     cases.append(dict(
         name="gemm", kernel=_patch_gemm_kernel, signature=signature, constexprs=constexprs, values=values,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -659,15 +679,15 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
         + rows * width * size))
 
     if backward:
-        config = _backward_gemm_config(batch, n_patches, width, patch, kind)
+        config = _backward_gemm_config(batch, n_patches, width, patch, kind, DEFAULT_SM_COUNT)
         chunks = cdiv(batch, config["BLOCK_M"])
         constexprs = dict(CANVAS=canvas, PATCH=patch, EVEN_N=width % config["BLOCK_K"] == 0,
-                          DOT_PRECISION=_dot_precision(kind),
+                          DOT_PRECISION=_gemm_precision(kind),
                           **{key: value for key, value in config.items() if key.isupper()})
         args = [("grad_ptr", ("ptr", dtype)), ("weight_ptr", ("ptr", dtype)), ("bits_ptr", ("ptr", torch.int32)),
                 ("partial_ptr", ("ptr", torch.float32)), ("batch", batch), ("N", width),
                 ("inv_std0", 3.7), ("inv_std1", 3.8), ("inv_std2", 3.6)]
-        signature, values = _signature(_patch_grad_kernel, args, constexprs)
+        signature, values = triton_signature(_patch_grad_kernel, args, constexprs)
         cases.append(dict(
             name="grad", kernel=_patch_grad_kernel, signature=signature, constexprs=constexprs, values=values,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -675,106 +695,6 @@ def sm90_cases(batch: int, h: int, w: int, up_resolution: int, canvas: int, patc
             outputs=rows * k, trips=cdiv(width, config["BLOCK_K"]), flops=2 * rows * width * k, bytes=rows * width * size + width * k * size
             + batch * 3 * canvas * words * 4 + (chunks + 1) * 3 * canvas * canvas * 4))
     return cases
-
-
-# --------------------------------------------------------------------------------------------
-# Reference
-# --------------------------------------------------------------------------------------------
-
-
-def _check_inputs(images, perturbation, weight, up_resolution, mean, std, pos_embed):
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"images must be [B, 3, h, w] (RGB, channels first), got shape {tuple(images.shape)}; "
-            "convert grey or RGBA images to RGB first"
-        )
-    if not (images.is_floating_point() or images.dtype == torch.uint8):
-        raise TypeError(
-            f"images must be uint8 (0-255) or floating point in [0, 1], got {images.dtype}; convert "
-            "other integer images to uint8, or divide them by their maximum value (255 for 8 bits)"
-        )
-    if perturbation.dim() != 3 or perturbation.shape[0] != 3 or perturbation.shape[1] != perturbation.shape[2]:
-        raise ValueError(f"perturbation must be [3, S, S], got {tuple(perturbation.shape)}")
-    canvas = perturbation.shape[-1]
-    if not 1 <= up_resolution <= canvas:
-        raise ValueError(
-            f"up_resolution={up_resolution} must lie in [1, canvas size {canvas}]: the upsampled "
-            "image is placed inside the canvas"
-        )
-    if weight is not None:
-        if weight.dim() != 4 or weight.shape[1] != 3 or weight.shape[2] != weight.shape[3]:
-            raise ValueError(f"patch weight must be [width, 3, p, p], got {tuple(weight.shape)}")
-        patch = weight.shape[-1]
-        if canvas % patch:
-            raise ValueError(f"canvas size {canvas} is not a multiple of the patch size {patch}")
-        if pos_embed is not None and tuple(pos_embed.shape) != ((canvas // patch) ** 2, weight.shape[0]):
-            raise ValueError(
-                f"pos_embed must be [(S/p)^2, width] = [{(canvas // patch) ** 2}, {weight.shape[0]}], "
-                f"got {tuple(pos_embed.shape)}"
-            )
-        devices = {t.device for t in (images, perturbation, weight, pos_embed) if t is not None}
-        if len(devices) > 1:
-            raise ValueError(
-                f"images, perturbation, weight and pos_embed must be on one device, got "
-                f"{sorted(str(d) for d in devices)}; move them with .to(device)"
-            )
-    for name, value in (("mean", mean), ("std", std)):
-        if len(value) != 3:
-            raise ValueError(f"{name} must have 3 entries (one per RGB channel), got {len(value)}")
-    if min(std) <= 0:
-        raise ValueError(f"std must be positive, got {tuple(std)}")
-
-
-def _unclamped_canvas(images: torch.Tensor, perturbation: torch.Tensor, up_resolution: int) -> torch.Tensor:
-    """`pad_o(bicubic_U(x)) + P`, `[B, 3, S, S]` in the images' dtype (fp32 for uint8 images,
-    scaled by the kernel's fp32 constant 1/255, so both round alike)."""
-    canvas = perturbation.shape[-1]
-    if images.dtype == torch.uint8:
-        images = images.float() * UINT8_SCALE
-    if images.shape[-2:] != (up_resolution, up_resolution):
-        images = F.interpolate(images, size=(up_resolution, up_resolution), mode="bicubic",
-                               align_corners=False)
-    before = (canvas - up_resolution) // 2
-    after = canvas - up_resolution - before
-    return F.pad(images, (before, after, before, after)) + perturbation.to(images.dtype)
-
-
-def _channel_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
-
-
-def reprogram_image(images: torch.Tensor, perturbation: torch.Tensor, *, up_resolution: int,
-                    mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The reprogrammed, normalised canvas `[B, 3, S, S]` (reference; steps 1-5 of docs/method.md 1).
-    uint8 images are scaled by 1/255 first; float images are taken as they are (NaN propagates)."""
-    _check_inputs(images, perturbation, None, up_resolution, mean, std, None)
-    x = _unclamped_canvas(images, perturbation, up_resolution).clamp(0, 1)
-    return (x - _channel_view(mean, x)) / _channel_view(std, x)
-
-
-def reprogram_patch_embed_ref(images: torch.Tensor, perturbation: torch.Tensor, weight: torch.Tensor, *,
-                              up_resolution: int, mean: Sequence[float], std: Sequence[float],
-                              pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference: `reprogram_image` then the stride-`p` convolution, as `[B, (S/p)^2, width]` tokens."""
-    _check_inputs(images, perturbation, weight, up_resolution, mean, std, pos_embed)
-    x = reprogram_image(images, perturbation, up_resolution=up_resolution, mean=mean, std=std)
-    patch = weight.shape[-1]
-    tokens = F.conv2d(x.to(weight.dtype), weight, stride=patch)
-    tokens = tokens.flatten(2).transpose(1, 2)
-    if pos_embed is not None:
-        tokens = tokens + pos_embed.to(tokens.dtype)
-    return tokens
-
-
-def _perturbation_grad_ref(grad_tokens, images, perturbation, weight, up_resolution, std):
-    """The module docstring's dL/dP in closed form (materialises `[B, 3, S, S]`; CPU path)."""
-    batch, _, width = grad_tokens.shape
-    side = perturbation.shape[-1] // weight.shape[-1]
-    grad_patches = grad_tokens.transpose(1, 2).reshape(batch, width, side, side)
-    grad_canvas = F.conv_transpose2d(grad_patches.to(weight.dtype), weight, stride=weight.shape[-1]).float()
-    v = _unclamped_canvas(images, perturbation, up_resolution)
-    grad = torch.where((v > 0) & (v < 1), grad_canvas, 0.0) / _channel_view(std, grad_canvas)
-    return grad.sum(0).to(perturbation.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -849,6 +769,11 @@ def _backward(ctx, grad_tokens, grad_bits):
 
 
 _reprogram_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
 
 
 def reprogram_patch_embed(images: torch.Tensor, perturbation: torch.Tensor, weight: torch.Tensor, *,

@@ -72,7 +72,6 @@ Scores (evaluation only, no gradient) for temperature `T`, per row of `cos`:
 `max_logit = max cos` (the blended cosine, not scaled by `logit_scale`). The Triton kernel
 gets them with an online softmax over tiles of classes, writing logits only when asked.
 """
-import functools
 import weakref
 from collections import OrderedDict
 from typing import NamedTuple
@@ -84,7 +83,8 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton import tl, triton
 from .backend import use_triton
-from .launch import cdiv, pow2_between
+from .launch import DEFAULT_SM_COUNT, cdiv, dot_precision, pow2_between
+from .launch import sm_count as _sm_count  # a module attribute, so that tests can replace it
 
 NORM_EPS = 1e-12  # F.normalize's default; the kernels spell it out as a literal
 
@@ -332,7 +332,6 @@ def _combine_scores_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-SMS = 132  # streaming multiprocessors of an H200/H100 SXM: the program count to fill, off CUDA
 # Shared memory a program may plan for: the kept image block plus two stages of text chunks,
 # leaving the rest of the 227 KB an sm_90 CTA can have to the compiler's layout scratch.
 SMEM_BUDGET = 192 * 1024
@@ -345,17 +344,7 @@ KEPT_CONFIGS = ((64, 4, 2), (64, 8, 1), (32, 8, 2))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # Follow PyTorch's own fp32 matmul setting so the kernel and the reference agree.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return SMS
+    return dot_precision(dtype, replaces="matmul")
 
 
 def _plan(B: int, C: int, D: int, element_size: int, precision: str, sms: int, kernel: str) -> dict:
@@ -685,7 +674,7 @@ def sm90_cases(batch: int, classes: int, dim: int, dtype: str) -> list[dict]:
     pointers = {"img_rp_ptr": f"*{t}", "img_zs_ptr": f"*{t}", "txt_ptr": f"*{t}"}
     cases = []
     for kernel in ("logits", "scores"):
-        plan = _plan(B, C, D, size, precision, SMS, kernel)
+        plan = _plan(B, C, D, size, precision, DEFAULT_SM_COUNT, kernel)
         grid, per_program = plan.pop("grid"), plan.pop("classes_per_program")
         warps, stages = plan.pop("num_warps"), plan.pop("num_stages")
         ints = {"B": B, "C": C, "D": D, "classes_per_program": per_program}

@@ -82,6 +82,7 @@ class TrainConfig:
     compile: str = "none"
     device: str = "auto"
     log_every: int = 10
+    #: validate every N optimiser steps and at the last (null: at each save_every checkpoint); a new best is saved
     eval_every: Optional[int] = None
     save_every: Optional[int] = None
     keep_checkpoints: int = 2

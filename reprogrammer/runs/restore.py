@@ -8,6 +8,12 @@ from ..methods import build_method
 from . import checkpoint as ckpt
 
 
+def served_alpha(classifier, cfg: Config) -> Optional[float]:
+    """The residual blend a run's classifier is served with (`load_run`, export): a Reprogrammer's
+    `method.alpha`, whatever it trained at; None for a method without one."""
+    return cfg.method.alpha if hasattr(classifier, "alpha") else None
+
+
 def load_run(run_dir, which: str = "best", *, device="cpu", clip=None, alpha: Optional[float] = None):
     """`(classifier, config, meta)` of the `which` checkpoint (`best`, `latest` or `step-N`) of a run,
     in eval mode. A Reprogrammer classifier comes with the run's residual blend `method.alpha`
@@ -21,8 +27,9 @@ def load_run(run_dir, which: str = "best", *, device="cpu", clip=None, alpha: Op
         classifier.load_learned_state(ckpt.load_learned(path, meta))
     except (ValueError, KeyError) as error:
         raise ckpt.CheckpointError(f"{path} does not fit {cfg.method.name} on {cfg.model.name}: {error}") from error
-    if hasattr(classifier, "alpha"):
-        classifier.alpha = cfg.method.alpha if alpha is None else alpha
+    served = served_alpha(classifier, cfg)
+    if served is not None:
+        classifier.alpha = served if alpha is None else alpha
     elif alpha is not None:
         raise ValueError(f"alpha applies to Reprogrammer runs only, this run trained {cfg.method.name}")
     classifier.eval()

@@ -12,6 +12,12 @@ Names resolve on first use, so `reprogrammer.export.predict` (onnxruntime, numpy
 never imports torch.
 """
 import importlib
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("reprogrammer")
+except metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+    __version__ = "0+unknown"
 
 _PUBLIC = {
     "load_clip": "reprogrammer.clip",
@@ -22,7 +28,7 @@ _PUBLIC = {
     "export_onnx": "reprogrammer.export",
     "export_run": "reprogrammer.api",
 }
-__all__ = list(_PUBLIC)
+__all__ = [*_PUBLIC, "__version__"]
 
 
 def __getattr__(name):

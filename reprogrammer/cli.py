@@ -114,10 +114,29 @@ def _bench(args) -> int:
     return run_benchmark(BENCHMARKS[args.what], args.rest)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows each option's default, except where there is none to show or the help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reprogrammer", description=__doc__)
+    from . import __version__
+
+    parser = _Parser(prog="reprogrammer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a method from a config (YAML file or preset name)")
     train.add_argument("--config", default="default", help="YAML file or preset: default, cifar10, imagenet")
@@ -131,20 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="run directory")
     ev.add_argument("--which", default="best", help="best, latest or step-N")
     ev.add_argument("--config", help="YAML with eval/data sections replacing the run's evaluation sets")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the run's eval/data sections (e.g. data.root=PATH)")
     ev.add_argument("--out", required=True, help="folder for report.json, report.md and plots")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
 
     ex = sub.add_parser("export", help="export a trained Reprogrammer to ONNX (verified with onnxruntime)")
     ex.add_argument("--checkpoint", required=True, help="run directory")
-    ex.add_argument("--which", default="best")
+    ex.add_argument("--which", default="best", help="best, latest or step-N")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument("--alpha", type=float, help="Residual Reprogrammer blend (default: the run's)")
     ex.add_argument("--fp16", action="store_true",
                     help="float16 image tower for GPU serving (float32 inputs and outputs), verified against "
                          "PyTorch within twice PyTorch's own fp16 error")
-    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (the dynamo exporter needs >= 18)")
     ex.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                     help="auto: torch.export-based (dynamo) where onnxscript is installed and opset >= 18, "
                          "else the TorchScript tracer (legacy)")
@@ -155,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export)
 
     pr = sub.add_parser("predict", help="classify image files with an exported ONNX model (onnxruntime only)")
-    pr.add_argument("--onnx", required=True)
-    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--onnx", required=True, help="a model written by `reprogrammer export`")
+    pr.add_argument("--batch-size", type=int, default=32, help="images per onnxruntime call")
     pr.add_argument("--providers", default="auto",
                     help="onnxruntime execution providers, comma-separated (default auto: TensorRT/CUDA where "
                          "the installed onnxruntime has them, else CPU)")
@@ -172,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub.add_parser("list", help="the presets, one line each").set_defaults(func=_config_list)
 
     demo = sub.add_parser("demo", help="the built-in default: the paper's comparison on the shape world, offline")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="folder for report.md, report.json, plots and runs")
     demo.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     demo.add_argument("--seeds", type=int, default=1, help="replicates with seeds 1..N, reported as mean and spread")
     demo.set_defaults(func=_demo)

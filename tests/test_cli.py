@@ -153,3 +153,37 @@ def test_bench_without_a_checkout_says_how_to_get_one(capsys, monkeypatch, tmp_p
     monkeypatch.setattr(api, "__file__", str(tmp_path / "site-packages" / "reprogrammer" / "api.py"))
     assert main(["bench", "kernels", "--quick"]) == 2
     assert "source checkout's bench/ folder; clone the repository" in capsys.readouterr().err
+
+
+def _parsers(parser, path=("reprogrammer",)):
+    """Every (sub)parser of the CLI with its command path."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*path, name))
+
+
+def test_every_option_has_help_and_defaults_are_shown():
+    from reprogrammer.cli import build_parser
+
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{' '.join(path)} {action.option_strings[0]} has no help"
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, " ".join(path)
+    export_help = dict((p[-1], q) for p, q in _parsers(build_parser()))["export"].format_help()
+    assert "(default: 2000)" in export_help and "(default: best)" in export_help
+
+
+def test_version(capsys):
+    import reprogrammer
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reprogrammer {reprogrammer.__version__}"
+    assert reprogrammer.__version__[0].isdigit()

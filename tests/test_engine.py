@@ -116,13 +116,65 @@ def test_amp_bf16_training_follows_the_fp32_trajectory(tmp_path):
     assert moved > 0.1 and 0 < (b - a).norm() < 0.01 * moved, ((b - a).norm(), moved)
 
 
-def test_resume_rejects_another_class_set(tmp_path):
+def test_resume_rejects_another_class_set_or_another_served_alpha(tmp_path):
     run(tmp_path, "train.epochs=1")
     data = train_data()
     data.classnames = ["a", "b", "c", "d"]
     cfg = load_config(None, BASE)
     with pytest.raises(ckpt.CheckpointError, match="other classes"):
         train(cfg, tmp_path / "run", data, resume=True, clip=tiny_clip(), progress=False)
+    # The evaluations so far scored the classifier at alpha 0.4: scores at 0.3 would not compare.
+    with pytest.raises(ckpt.CheckpointError, match="scored at alpha 0.4, this run serves alpha 0.3"):
+        run(tmp_path, "method.alpha=0.3", resume=True)
+
+
+def test_eval_every_validates_every_k_steps_and_checkpoints_each_new_best(tmp_path):
+    # 48 images, batch 8: 6 steps an epoch, 12 steps, a scheduled checkpoint after each epoch.
+    summary = run(tmp_path, "train.epochs=2", "train.eval_every=5", "train.keep_checkpoints=20")
+    run_dir = tmp_path / "run"
+    scores = {r["step"]: r["accuracy"] for r in map(json.loads, (run_dir / "val_log.jsonl").read_text().splitlines())}
+    assert list(scores) == [5, 10, 12]  # every 5 steps, and the last
+    assert [e["step"] for e in summary["evaluations"]] == [5, 10, 12]
+    new_bests, best = [], -1.0
+    for step, accuracy in scores.items():
+        if accuracy > best:
+            new_bests.append(step)
+            best = accuracy
+    written = {int(path.name.removeprefix("step-")) for path in (run_dir / "checkpoints").glob("step-*")}
+    assert written == {6, 12} | set(new_bests)  # step 5 is the first score, always a new best
+    assert summary["best_checkpoint"] == ckpt.find_checkpoint(run_dir, "best").name == f"step-{new_bests[-1]:08d}"
+    for step in written:
+        assert ckpt.read_meta(run_dir / "checkpoints" / f"step-{step:08d}")["val_accuracy"] == scores.get(step)
+
+
+def test_validation_scores_the_classifier_at_the_alpha_the_run_serves(tmp_path, monkeypatch):
+    """`best` is chosen among the classifiers `load_run` serves, a Reprogrammer at `method.alpha`,
+    though plain Reprogrammer (alpha 0) is what trains: each recorded score is the served
+    classifier's accuracy on the validation split, counted here by hand."""
+    from reprogrammer.runs.restore import load_run
+    from reprogrammer.training import engine
+
+    scored_at = []
+
+    def recording(classifier, *args, **kwargs):
+        scored_at.append(classifier.alpha)
+        return evaluate_accuracy(classifier, *args, **kwargs)
+
+    evaluate_accuracy = engine.evaluate_accuracy
+    monkeypatch.setattr(engine, "evaluate_accuracy", recording)
+    data = train_data()
+    summary = run(tmp_path, "train.epochs=2", "method.alpha=0.7", "train.keep_checkpoints=5", data=data)
+    assert scored_at == [0.7, 0.7]
+    assert summary["selection_alpha"] == 0.7 and "residual alpha 0.7 (method.alpha)" in summary["selection"]
+    assert [e["alpha"] for e in summary["evaluations"]] == [0.7, 0.7]
+    images = torch.stack([data.val[i][0] for i in range(len(data.val))]).float() / 255
+    labels = torch.tensor([data.val[i][1] for i in range(len(data.val))])
+    for evaluation in summary["evaluations"]:
+        served, _, _ = load_run(tmp_path / "run", f"step-{evaluation['step']:08d}", clip=tiny_clip())
+        assert served.alpha == 0.7
+        with torch.no_grad():
+            correct = (served(images).argmax(-1) == labels).sum().item()
+        assert evaluation["val_accuracy"] == pytest.approx(correct / len(labels), abs=1e-12)
 
 
 def test_two_rank_gloo_ddp_equals_one_rank_with_the_same_global_batch(tmp_path):

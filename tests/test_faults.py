@@ -114,6 +114,28 @@ def test_sigterm_and_sigint_mid_epoch_then_resume_is_bitwise_identical(tmp_path,
     assert interrupt["interrupt"] and interrupt["val_accuracy"] is None
 
 
+def test_stops_off_the_save_schedule_with_eval_every_then_resume_is_bitwise_identical(tmp_path):
+    """`train.eval_every=2` scores steps 2, 4, 6, 8 and 9 between the checkpoints of steps 3, 6, 9: a
+    stop on a scored step (4) and on an unscored one (5) resume to the uninterrupted run."""
+    settings = ["train.eval_every=2"]
+    reference = tmp_path / "reference"
+    phases = [phase(reference, settings=settings)]
+    for step in (4, 5):
+        phases += [phase(tmp_path / f"stop-{step}", settings=settings, signal="SIGTERM",
+                         signal_at_sample=sample_of_step(step)),
+                   phase(tmp_path / f"stop-{step}", "--resume", settings=settings)]
+    codes, err, _ = run_phases(phases)
+    assert codes == [0, 128 + signal.SIGTERM, 0, 128 + signal.SIGTERM, 0], err
+    scored = [json.loads(line)["step"] for line in (reference / "val_log.jsonl").read_text().splitlines()]
+    assert scored == [2, 4, 6, 8, 9]
+    for step in (4, 5):
+        assert_same_run(tmp_path / f"stop-{step}", reference)
+        assert (tmp_path / f"stop-{step}" / "val_log.jsonl").read_text() == (reference / "val_log.jsonl").read_text()
+    # The stop at step 5 wrote an interrupt checkpoint: not scored, never `best`.
+    interrupt = ckpt.read_meta(tmp_path / "stop-5" / "checkpoints" / "step-00000005")
+    assert interrupt["interrupt"] and interrupt["val_accuracy"] is None
+
+
 def test_sigkill_mid_step_and_during_a_save_then_resume_is_bitwise_identical(tmp_path, reference):
     mid_step, late, in_save = tmp_path / "mid-step", tmp_path / "late", tmp_path / "in-save"
     killed = [start([phase(mid_step, signal="SIGKILL", signal_at_sample=sample_of_step(5) + 3)]),

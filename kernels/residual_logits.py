@@ -80,9 +80,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._triton import tl, triton
+from ._triton import tl, triton, wrap_triton
 from .backend import use_triton
 from .launch import cdiv, pow2_between
 

@@ -127,6 +127,14 @@ def _bench(args) -> int:
     return main(args.rest) or 0
 
 
+def _doctor(args) -> int:
+    from .doctor import run_checks
+
+    report = run_checks(args.device, precisions=args.precision, quick=args.quick)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reprogrammer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -214,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["kernels", "train", "data", "compile"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after it)")
     bench.set_defaults(func=_bench)
+
+    doctor = sub.add_parser("doctor", help="check every fused op against its PyTorch reference on this device "
+                                           "(exit code 1 if one disagrees)")
+    doctor.add_argument("--device", help="torch device (default: cuda where available, else cpu; on the CPU "
+                                         "the kernels run with TRITON_INTERPRET=1, else the reference alone)")
+    doctor.add_argument("--precision", nargs="+", choices=["fp32", "tf32", "bf16", "fp16"],
+                        help="default: all the device runs (the CPU: fp32)")
+    doctor.add_argument("--quick", action="store_true", help="one shape per op (what training checks at its start)")
+    doctor.set_defaults(func=_doctor)
     return parser
 
 

@@ -128,10 +128,21 @@ def _bench(args) -> int:
 
 
 def _doctor(args) -> int:
-    from .doctor import run_checks
+    import torch
 
-    report = run_checks(args.device, precisions=args.precision, quick=args.quick)
-    print(report.table())
+    from .doctor import Report, describe, run_checks, versions
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(Report(describe(device), versions()).header(), flush=True)
+    rows = []
+    try:
+        report = run_checks(device, precisions=args.precision, quick=args.quick,
+                            on_row=lambda row: (rows.append(row), print(Report.line(row), flush=True)))
+    except KeyboardInterrupt:  # a time limit's SIGINT: say how far it got
+        partial = Report("", {}, rows)
+        print(f"\ninterrupted: {partial.summary()} so far")
+        return 130
+    print(f"\n{report.summary()}")
     return 0 if report.ok else 1
 
 

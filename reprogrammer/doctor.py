@@ -118,20 +118,26 @@ class Report:
     def failures(self) -> list:
         return [row for row in self.rows if not row.ok]
 
-    def table(self) -> str:
-        lines = [f"device: {self.device}",
-                 "versions: " + ", ".join(f"{name} {version}" for name, version in self.versions.items()),
-                 "", "| op | case | precision | path | quantity | error | tolerance | ok |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for row in self.rows:
-            error = "raised" if row.error is None else f"{row.error:.2e}"
-            verdict = "ok" if row.ok else f"FAIL{': ' + row.detail if row.detail else ''}"
-            lines.append(f"| {row.op} | {row.case} | {row.precision} | {row.path} | {row.quantity} | {error} | "
-                         f"{row.tolerance:.1e} | {verdict} |")
+    def header(self) -> str:
+        return "\n".join([f"device: {self.device}",
+                          "versions: " + ", ".join(f"{name} {version}" for name, version in self.versions.items()),
+                          "", "| op | case | precision | path | quantity | error | tolerance | ok |",
+                          "|---|---|---|---|---|---|---|---|"])
+
+    @staticmethod
+    def line(row: Row) -> str:
+        error = "raised" if row.error is None else f"{row.error:.2e}"
+        verdict = "ok" if row.ok else f"FAIL{': ' + row.detail if row.detail else ''}"
+        return (f"| {row.op} | {row.case} | {row.precision} | {row.path} | {row.quantity} | {error} | "
+                f"{row.tolerance:.1e} | {verdict} |")
+
+    def summary(self) -> str:
         failed = len(self.failures)
-        lines += ["", f"{len(self.rows) - failed} of {len(self.rows)} checks passed"
-                  + ("" if self.ok else f"; {failed} FAILED")]
-        return "\n".join(lines)
+        return (f"{len(self.rows) - failed} of {len(self.rows)} checks passed"
+                + ("" if self.ok else f"; {failed} FAILED"))
+
+    def table(self) -> str:
+        return "\n".join([self.header(), *map(self.line, self.rows), "", self.summary()])
 
 
 class KernelCheckFailed(RuntimeError):
@@ -310,9 +316,11 @@ def _check(op: str, case, precision: str, device: torch.device, path: str) -> li
     return _compare(op, case.label, precision, path, ours, expected, low, cosine)
 
 
-def run_checks(device=None, *, precisions=None, quick: bool = False) -> Report:
+def run_checks(device=None, *, precisions=None, quick: bool = False,
+               on_row: Optional[Callable[[Row], None]] = None) -> Report:
     """Every fused op at its cases and `precisions` (default: all this device runs) on `device`
-    (default: CUDA where available). `quick`: the first case of each op only."""
+    (default: CUDA where available). `quick`: the first case of each op only. `on_row` sees each
+    row as it is made (the command line prints them, so an interrupted run shows what it did)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precisions = tuple(precisions or precisions_for(device))
     unknown = [p for p in precisions if p not in TIE_TOLERANCE]
@@ -328,13 +336,15 @@ def run_checks(device=None, *, precisions=None, quick: bool = False) -> Report:
     residual_cases = RESIDUAL_CASES + (RESIDUAL_CUDA_CASES if device.type == "cuda" else ())
     if quick:
         patch_cases, residual_cases = patch_cases[:1], residual_cases[:1]
+    checks = [("reprogram_patch_embed", case) for case in patch_cases]
+    checks += [(op, case) for op in ("residual_logits", "residual_scores") for case in residual_cases]
     report = Report(describe(device), versions())
     for precision in precisions:
-        for case in patch_cases:
-            report.rows += _check("reprogram_patch_embed", case, precision, device, path)
-        for op in ("residual_logits", "residual_scores"):
-            for case in residual_cases:
-                report.rows += _check(op, case, precision, device, path)
+        for op, case in checks:
+            for row in _check(op, case, precision, device, path):
+                report.rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     return report
 
 

@@ -141,3 +141,18 @@ def test_cli_prints_the_table_and_exits_by_the_result(capsys, monkeypatch):
         _wrong_backward(monkeypatch)
         assert cli.main(["doctor", "--quick"]) == 1
         assert "1 FAILED" in capsys.readouterr().out
+
+
+def test_cli_interrupted_by_a_time_limit_reports_how_far_it_got(capsys, monkeypatch):
+    right, calls = doctor._check, []
+
+    def check(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return right(*args)
+
+    monkeypatch.setattr(doctor, "_check", check)
+    assert cli.main(["doctor", "--quick"]) == 130
+    out = capsys.readouterr().out
+    assert "| reprogram_patch_embed |" in out and "interrupted: 2 of 2 checks passed so far" in out

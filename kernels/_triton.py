@@ -31,7 +31,6 @@ except ImportError:
     triton, tl = _Triton(), _Language()
 
 
-
 def wrap_triton(kernel):
     """`torch.library.wrap_triton(kernel)`, except that a kernel of Triton's interpreter
     (`TRITON_INTERPRET=1` makes `@triton.jit` return an `InterpretedFunction`) launches as it is.

@@ -1,81 +1,115 @@
 #!/usr/bin/env bash
-# The one GPU check, for a lent H200 (see /work/shared/GPU.md); about 8 minutes at most:
-#   (0) preflight: the stack has every API the kernels use, or the script stops here, loudly;
-#   (a) the kernel tests on CUDA, compiled Triton, fp32 and bf16 (TRITON_INTERPRET unset), for
-#       both kernels (patch embedding, residual logits / scores);
-#   (b) the kernel microbenchmarks (bench.kernels) at the target shapes, bf16: patch embedding
-#       of ViT-B/32 at B=256 from 32x32 sources (forward, backward, both) and the residual ops
-#       at B=4096, C=1000, D=512; providers triton (ours), torch (the eager reference) and
-#       torch_compile (the compiled reference);
-#   (c) the offline sm_90a compile report (bench.compile_report) with this machine's triton;
-#   (d) only with GPU_CHECK_TRAIN=1: the training-throughput benchmark (its first step compiles
-#       the whole ViT for minutes, more than this check's budget);
-# then a short table, printed last: each timing as ratios to the eager and compiled references
-# and as fractions of the ceilings measured in the same run. Results and the log go to $OUT
-# (bench/results when $OUT is unset). Each stage runs under its own time limit, and the
-# benchmarks rewrite their results as they go, so a stage cut short keeps what it measured.
+# The one GPU check, for a lent H100 or H200 (see /work/shared/GPU.md): at most 300 s of device
+# time, the wheel install included, so that one rerun and two machine starts fit in 15 minutes.
 #
-# The machine has Python 3.12, torch 2.11, triton 3.6 and the project's other dependencies,
-# but not open_clip, and no network. `import open_clip` needs, at import time: torch,
-# torchvision, regex, ftfy (which needs wcwidth), safetensors, timm (>= 1.0.17),
-# huggingface_hub, tqdm, pyyaml, pillow; of these only ftfy and wcwidth are missing there. So
-# `.whl/` (git-ignored) holds exactly:
-#   open_clip_torch==3.3.0   ftfy==6.3.1   wcwidth==0.9.4
-# fetched in the repository root with:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     --platform manylinux1_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
-# and the device run carries `.whl` and passes the commit, since the copy there has no .git:
-#   REPROGRAMMER_GIT_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_check.sh
-# Nothing is installed that was not carried: the wheels go to /tmp/site without dependencies
-# or an index, and the project itself is installed editable with the image's own setuptools
-# (`pip install --no-deps --no-build-isolation --no-index -e .`); if the image's setuptools
-# cannot build it, PYTHONPATH points at the checkout (with kernels/ and export/ linked into
-# reprogrammer/ for the run), and the log says so.
+# Here, once: `make gpu-wheels` (open_clip_torch, ftfy, wcwidth for cp312 manylinux x86_64 into
+# the git-ignored .whl/). Then one call of the device tool (the tree there has no .git: pass the
+# commit), with a timeout that leaves room for a rerun:
+#   run(command="REPROGRAMMER_GIT_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_check.sh", carry=[".whl"], timeout_s=360)
+# Offline rehearsal on a CPU, tiny shapes, same stages: `bash bench/gpu_check.sh --dry-run`.
+#
+# Stages, each under its own limit (SIGINT first, so pytest and the doctor print their summary
+# even when cut short; the benchmarks rewrite their results after every case):
+#   setup    the carried wheels into /tmp/site; the checkout on PYTHONPATH with kernels/ and
+#            export/ linked where they are installed; a preflight of every API the kernels use;
+#   doctor   `reprogrammer doctor` in fp32 and bf16: every fused op, forward and gradients, at
+#            odd shapes and one real one against the float64 reference (each kernel
+#            configuration compiles once here);
+#   tests    the curated CUDA tests the doctor does not cover: torch.compile(fullgraph) of each
+#            op at the target shapes, TF32, a dynamic batch, offsets past int32, ViT-L width
+#            (junit XML in $OUT);
+#   kernels  bench.kernels at the target shapes, bf16: patch embedding of ViT-B/32 at B=256 from
+#            32x32 sources, residual logits and scores at B=4096, C=1000, D=512; providers
+#            triton (ours), torch (the eager reference), torch_compile (the compiled reference);
+#            the ceilings (bf16 matmul, device copy) measured first, in the same run;
+#   train    bench.train: ViT-B-32, B=256, 32x32 sources, towers not compiled (inductor builds
+#            the whole ViT for minutes, more than this check has), so `ours` against `eager-amp`
+#            is the fused ops' share of a training step;
+# then a short table, printed last: the device (H100 or H200) and its measured ceilings, each
+# kernel timing as ratios to the eager and compiled references and as fractions of those
+# ceilings. Full results and the log go to $OUT (bench/results when $OUT is unset).
+# The machine has Python 3.12, torch 2.11, triton 3.6 and every dependency but open_clip's ftfy
+# and wcwidth, and no network: nothing is installed that was not carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+DRY_RUN=0
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 OUT_DIR=${OUT:-bench/results}
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 : >"$LOG"
-export PYTHONUNBUFFERED=1
-# Benchmarks and tests compile with inductor: keep its cache to this run (a cache left by a
-# killed compile can break later runs).
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Inductor's cache kept to this run: a cache left by a killed compile can break later runs.
 export TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/reprogrammer-inductor-$$"
-unset TRITON_INTERPRET REPROGRAMMER_BACKEND
-
-fail() { echo "gpu_check: FAILED: $*" | tee -a "$LOG" >&2; exit 1; }
-
-PYTHONPATH_EXTRA=""
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "installing the carried wheels .whl/*.whl"
-    PYTHONPATH_EXTRA="/tmp/site"
-fi
-export PYTHONPATH="$PYTHONPATH_EXTRA"
-if python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1; then
-    echo "project installed editable (pip -e ., the image's setuptools)" | tee -a "$LOG"
+unset REPROGRAMMER_BACKEND
+if [ "$DRY_RUN" = 1 ]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the kernels in Triton's interpreter
 else
-    # Without the editable install's finder, reprogrammer.kernels / reprogrammer.export are found
-    # through links placed where they are installed, removed again when this script exits.
-    echo "WARNING: pip install -e . failed with the image's setuptools (see the log);" \
-         "using PYTHONPATH=$PWD with reprogrammer/kernels and reprogrammer/export linked" | tee -a "$LOG"
-    for name in kernels export; do
-        [ -e "reprogrammer/$name" ] || ln -s "../$name" "reprogrammer/$name"
-    done
-    trap 'rm -f reprogrammer/kernels reprogrammer/export' EXIT
-    export PYTHONPATH="${PYTHONPATH_EXTRA:+$PYTHONPATH_EXTRA:}$PWD"
+    unset TRITON_INTERPRET
 fi
+PYTHON=${PYTHON:-python3}
 
-# Preflight: every API the kernels, their registration and the compile report use.
-python3 - <<'EOF' 2>&1 | tee -a "$LOG"
+# Limits in seconds; test_bench.py checks that they add up to at most 300.
+LIMIT_WHEELS=15
+LIMIT_PREFLIGHT=20
+LIMIT_DOCTOR=70
+LIMIT_TESTS=60
+LIMIT_KERNELS=90
+LIMIT_TRAIN=45
+
+# The dry run's CPU is slower at everything (a loaded 2-core machine imports torch in tens of
+# seconds): its limits are these times GPU_CHECK_DRY_RUN_SCALE (default 5).
+SCALE=1
+[ "$DRY_RUN" = 1 ] && SCALE=${GPU_CHECK_DRY_RUN_SCALE:-5}
+
+status=0
+START=$SECONDS
+# stage NAME SECONDS COMMAND...: COMMAND under a time limit, its output into the log.
+stage() {
+    local name=$1 limit=$(($2 * SCALE)) start=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout --signal=INT --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+    if [ "$rc" -ne 0 ]; then
+        status=1
+        echo "gpu_check: stage $name FAILED (exit $rc$([ "$rc" -ge 124 ] && echo ', time limit'))" \
+            | tee -a "$LOG" >&2
+    fi
+    return "$rc"
+}
+
+# Setup: the carried wheels, then the checkout on PYTHONPATH with kernels/ and export/ linked
+# where pyproject's package-dir installs them (links this script makes go again at exit).
+made_links=()
+cleanup() {
+    for link in "${made_links[@]}"; do rm -f "$link"; done
+    rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+}
+trap cleanup EXIT
+echo "=== setup (limits ${LIMIT_WHEELS}s wheels, ${LIMIT_PREFLIGHT}s preflight)" | tee -a "$LOG"
+SITE=""
+if [ -d .whl ]; then
+    SITE=${TMPDIR:-/tmp}/reprogrammer-site
+    timeout "$((LIMIT_WHEELS * SCALE))" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl 2>&1 | tee -a "$LOG"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: installing .whl/*.whl failed" | tee -a "$LOG" >&2; exit 1; }
+fi
+for name in kernels export; do
+    if [ ! -e "reprogrammer/$name" ]; then
+        ln -s "../$name" "reprogrammer/$name" && made_links+=("reprogrammer/$name")
+    fi
+done
+export PYTHONPATH="${SITE:+$SITE:}$PWD"
+
+# Preflight: every API the kernels and their registration use, or nothing else runs.
+DRY_RUN=$DRY_RUN timeout "$((LIMIT_PREFLIGHT * SCALE))" "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib
 import inspect
+import os
 import sys
-from pathlib import Path
 
 missing = []
 
@@ -97,27 +131,15 @@ need("torch.library.triton_op", lambda: hasattr(torch.library, "triton_op"))
 need("torch.library.wrap_triton", lambda: hasattr(torch.library, "wrap_triton"))
 need("torch.library.register_autograd", lambda: hasattr(torch.library, "register_autograd"))
 need("torch.compiler.is_compiling", lambda: hasattr(torch.compiler, "is_compiling"))
-need("Tensor.is_inference", lambda: hasattr(torch.Tensor, "is_inference"))
-need("triton.compiler.ASTSource", lambda: hasattr(importlib.import_module("triton.compiler"), "ASTSource"))
-need("triton.backends.compiler.GPUTarget",
-     lambda: hasattr(importlib.import_module("triton.backends.compiler"), "GPUTarget"))
 need("tl.argmax(tie_break_left=)",
      lambda: "tie_break_left" in inspect.signature(getattr(tl.argmax, "fn", tl.argmax)).parameters)
 need("tl.dot(input_precision=)",
      lambda: "input_precision" in inspect.signature(getattr(tl.dot, "fn", tl.dot)).parameters)
-bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-need(f"ptxas and cuobjdump in {bin_dir}", lambda: (bin_dir / "ptxas").exists() and (bin_dir / "cuobjdump").exists())
-need("open_clip (carry .whl/, see the header)", lambda: importlib.import_module("open_clip") is not None)
-need("a CUDA device", torch.cuda.is_available)
-for name in ("residual_logits", "reprogram_patch_embed"):
-    module = None
-    for prefix in ("reprogrammer.kernels", "kernels"):
-        try:
-            module = importlib.import_module(f"{prefix}.{name}")
-            break
-        except ModuleNotFoundError:
-            continue
-    need(f"kernel module {name} importable", lambda: module is not None)
+need("open_clip (make gpu-wheels, carry .whl)", lambda: importlib.import_module("open_clip") is not None)
+need("the kernels importable as reprogrammer.kernels",
+     lambda: importlib.import_module("reprogrammer.kernels.residual_logits") is not None)
+if os.environ["DRY_RUN"] != "1":
+    need("a CUDA device", torch.cuda.is_available)
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}")
 if torch.cuda.is_available():
     props = torch.cuda.get_device_properties(0)
@@ -126,33 +148,38 @@ if missing:
     print("missing on this machine:", *missing, sep="\n  ")
     sys.exit(1)
 EOF
-[ "${PIPESTATUS[0]}" -eq 0 ] || fail "preflight: an API the kernels need is missing (listed above)"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: preflight failed, nothing else runs (above)" | tee -a "$LOG" >&2; exit 1; }
+echo "=== setup: done after $((SECONDS - START))s" | tee -a "$LOG"
 
-status=0
-# stage NAME SECONDS COMMAND...: run COMMAND with a time limit, its output into the log.
-stage() {
-    local name=$1 limit=$2 start=$SECONDS rc
-    shift 2
-    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
-    if [ "$rc" -ne 0 ]; then
-        status=1
-        echo "gpu_check: stage $name FAILED (exit $rc$([ "$rc" -ge 124 ] && echo ', time limit'))" | tee -a "$LOG" >&2
-    fi
-}
-
-stage tests 150 python3 -m pytest -q -p no:cacheprovider -m "not slow" --durations=5 \
-    tests/test_reprogram_patch_embed.py tests/test_residual_logits.py
-stage kernels 210 python3 -m bench.kernels --out "$OUT_DIR" --dtypes bf16 --warmup 10 --rep 40 \
-    --models ViT-B/32 --batches 256 --sources 32 --residual-batches 4096 --classes 1000 --dim 512
-stage compile 75 python3 -m bench.compile_report --out "$OUT_DIR"
-if [ "${GPU_CHECK_TRAIN:-0}" = 1 ]; then
-    stage train 180 python3 -m bench.train --model ViT-B-32 --batch 256 --steps 8 --warmup 2 --out "$OUT_DIR"
+# The CUDA tests beyond the doctor's (on a CPU they collect and skip).
+CUDA_TESTS=(
+    "tests/test_reprogram_patch_embed.py::test_cuda_kernels_within_twice_torch_error[cifar_32_to_224-bf16-True]"
+    "tests/test_reprogram_patch_embed.py::test_cuda_kernels_within_twice_torch_error[cifar_uint8_32_to_224-fp32-True]"
+    "tests/test_reprogram_patch_embed.py::test_cuda_kernels_within_twice_torch_error[cifar_32_to_224-tf32-False]"
+    "tests/test_reprogram_patch_embed.py::test_cuda_compiled_with_dynamic_batch"
+    "tests/test_reprogram_patch_embed.py::test_cuda_offsets_past_int32"
+    "tests/test_residual_logits.py::test_cuda_logits_and_gradients[D512-bfloat16-compiled]"
+    "tests/test_residual_logits.py::test_cuda_scores[D512-bfloat16-compiled]"
+    "tests/test_residual_logits.py::test_cuda_logits_and_gradients[D768-bfloat16]"
+    "tests/test_residual_logits.py::test_cuda_scores[D768-float32]"
+)
+if [ "$DRY_RUN" = 1 ]; then
+    stage doctor "$LIMIT_DOCTOR" "$PYTHON" -m reprogrammer.cli doctor --quick
+    stage tests "$LIMIT_TESTS" "$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT_DIR/cuda-tests.xml" \
+        "${CUDA_TESTS[@]}"
+    stage kernels "$LIMIT_KERNELS" "$PYTHON" -m bench.kernels --out "$OUT_DIR" --quick --interpret
+    stage train "$LIMIT_TRAIN" "$PYTHON" -m bench.train --quick --out "$OUT_DIR"
+else
+    stage doctor "$LIMIT_DOCTOR" "$PYTHON" -m reprogrammer.cli doctor --precision fp32 bf16
+    stage tests "$LIMIT_TESTS" "$PYTHON" -m pytest -q -p no:cacheprovider -rs --durations=5 \
+        --junitxml="$OUT_DIR/cuda-tests.xml" "${CUDA_TESTS[@]}"
+    stage kernels "$LIMIT_KERNELS" "$PYTHON" -m bench.kernels --out "$OUT_DIR" --dtypes bf16 --warmup 10 --rep 40 \
+        --models ViT-B/32 --batches 256 --sources 32 --residual-batches 4096 --classes 1000 --dim 512
+    stage train "$LIMIT_TRAIN" "$PYTHON" -m bench.train --model ViT-B-32 --batch 256 --sweep --steps 5 --warmup 1 \
+        --image-resolution 32 --compile off --out "$OUT_DIR"
 fi
 
-python3 - "$OUT_DIR" <<'EOF' 2>&1 | tee -a "$LOG"
+"$PYTHON" - "$OUT_DIR" <<'EOF' 2>&1 | tee -a "$LOG"
 import json
 import sys
 from pathlib import Path
@@ -173,8 +200,11 @@ if path is None:
 else:
     record = json.loads(path.read_text())
     env, ceilings = record["environment"], record["ceilings"]
-    print(f"\n## kernels: {path.name} ({env['device']}, torch {env['torch']}, commit {env['git_commit']}); "
-          f"ceilings {ceilings['matmul_tflops']:.0f} TFLOP/s, {ceilings['copy_gbps']:.0f} GB/s")
+    kind = next((k for k in ("H100", "H200") if k in env["device"]), "neither H100 nor H200")
+    print(f"\n## device: {env['device']} ({kind}), torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['git_commit']}")
+    print(f"ceilings measured in this run: {ceilings['matmul_tflops']:.0f} TFLOP/s "
+          f"({ceilings['matmul_dtype']} matmul, n={ceilings['matmul_n']}), {ceilings['copy_gbps']:.0f} GB/s copy")
     if record.get("errors"):
         print("errors:", *record["errors"], sep="\n  ")
     print(kernels.short_table(record["rows"]))
@@ -182,29 +212,24 @@ else:
           "the ceilings")
     print("| op | case | dtype | mode | ms | x eager | x compiled | TFLOP/s / peak | GB/s / peak |")
     print("|---|---|---|---|---|---|---|---|---|")
+
+    def cell(value, spec):
+        return "" if value is None else format(value, spec)
+
     for row in record["rows"]:
-        if row["provider"] != "triton":
-            continue
-
-        def cell(value, spec):
-            return "" if value is None else format(value, spec)
-
-        print(f"| {row['op']} | {row['case']} | {row['dtype']} | {row['mode']} | {row['ms']:.4f} | "
-              f"{cell(row.get('speedup_vs_torch'), '.2f')} | {cell(row.get('speedup_vs_torch_compile'), '.2f')} | "
-              f"{row['tflops'] / ceilings['matmul_tflops']:.3f} | {row['gbps'] / ceilings['copy_gbps']:.3f} |")
-
-path = latest("compile-sm90a-offline-*.json")
-if path is None:
-    print("\n## compile report: no results")
-else:
-    print(f"\n## compile report: {path.name}")
-    print("\n".join(line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("|")))
+        if row["provider"] == "triton":
+            print(f"| {row['op']} | {row['case']} | {row['dtype']} | {row['mode']} | {row['ms']:.4f} | "
+                  f"{cell(row.get('speedup_vs_torch'), '.2f')} | {cell(row.get('speedup_vs_torch_compile'), '.2f')} | "
+                  f"{row['tflops'] / ceilings['matmul_tflops']:.3f} | {row['gbps'] / ceilings['copy_gbps']:.3f} |")
 
 path = latest("train-*.json")
-if path is not None and "GPU_CHECK_TRAIN" in __import__("os").environ:
+if path is None:
+    print("\n## train: no results")
+else:
     record = json.loads(path.read_text())
     print(f"\n## train: {path.name}")
     print(train.short_table(record["rows"], record["main_batch"]))
 EOF
-rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+echo "gpu_check: $((SECONDS - START))s in all, $([ "$status" = 0 ] && echo 'every stage passed' || echo 'a stage FAILED (above)')" \
+    | tee -a "$LOG"
 exit $status

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-from ._triton import tl, triton
+from ._triton import tl, triton, wrap_triton
 from .backend import use_triton
 from .launch import DEFAULT_SM_COUNT, as_dtype, cdiv, dot_precision, pow2_between, sm_count, triton_signature
 
@@ -574,7 +574,7 @@ def reprogram_patch_rows(images: torch.Tensor, perturbation: torch.Tensor, up_re
         resize_y, resize_x = _resize_matrices(images, h, w, up_resolution, canvas, args["offset"])
     else:
         resize_y = resize_x = perturbation  # never read
-    torch.library.wrap_triton(_reprogram_canvas_kernel)[grid](
+    wrap_triton(_reprogram_canvas_kernel)[grid](
         images.contiguous(), perturbation.contiguous(), resize_y, resize_x, rows, bits, **args, **config)
     return rows, bits
 
@@ -593,7 +593,7 @@ def reprogram_patch_embed_forward(images: torch.Tensor, perturbation: torch.Tens
     tokens = torch.empty(batch, n_patches, width, device=images.device, dtype=weight.dtype)
     config = _forward_gemm_config(batch * n_patches, width, patch, kind, sm_count(images.device))
     grid = (cdiv(batch * n_patches, config["BLOCK_M"]) * cdiv(width, config["BLOCK_N"]),)
-    torch.library.wrap_triton(_patch_gemm_kernel)[grid](
+    wrap_triton(_patch_gemm_kernel)[grid](
         rows, weight.reshape(width, -1).contiguous(), weight if pos_embed is None else pos_embed.contiguous(),
         tokens, batch * n_patches, width, K=3 * patch * patch, N_PATCHES=n_patches, HAS_POS=pos_embed is not None,
         DOT_PRECISION=_gemm_precision(kind), **config)
@@ -612,7 +612,7 @@ def reprogram_patch_embed_backward(grad_tokens: torch.Tensor, bits: torch.Tensor
     chunks = cdiv(batch, config["BLOCK_M"])
     partial = torch.empty(chunks, 3, canvas, canvas, device=grad_tokens.device, dtype=torch.float32)
     grid = (n_patches * chunks * cdiv(3 * patch * patch, config["BLOCK_N"]),)
-    torch.library.wrap_triton(_patch_grad_kernel)[grid](
+    wrap_triton(_patch_grad_kernel)[grid](
         grad_tokens.to(weight.dtype).contiguous(), weight.reshape(width, -1).contiguous(), bits, partial,
         batch, width, inv_std0=1.0 / std[0], inv_std1=1.0 / std[1], inv_std2=1.0 / std[2],
         CANVAS=canvas, PATCH=patch, EVEN_N=width % config["BLOCK_K"] == 0,

@@ -79,9 +79,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._triton import tl, triton
+from ._triton import tl, triton, wrap_triton
 from .backend import use_triton
 from .launch import DEFAULT_SM_COUNT, cdiv, dot_precision, pow2_between
 from .launch import sm_count as _sm_count  # a module attribute, so that tests can replace it

@@ -130,6 +130,25 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _doctor(args) -> int:
+    import torch
+
+    from .doctor import Report, describe, run_checks, versions
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(Report(describe(device), versions()).header(), flush=True)
+    rows = []
+    try:
+        report = run_checks(device, precisions=args.precision, quick=args.quick,
+                            on_row=lambda row: (rows.append(row), print(Report.line(row), flush=True)))
+    except KeyboardInterrupt:  # a time limit's SIGINT: say how far it got
+        partial = Report("", {}, rows)
+        print(f"\ninterrupted: {partial.summary()} so far")
+        return 130
+    print(f"\n{report.summary()}")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -222,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after it)")
     bench.set_defaults(func=_bench)
+
+    doctor = sub.add_parser("doctor", help="check every fused op against its PyTorch reference on this device "
+                                           "(exit code 1 if one disagrees)")
+    doctor.add_argument("--device", help="torch device (default: cuda where available, else cpu; on the CPU "
+                                         "the kernels run with TRITON_INTERPRET=1, else the reference alone)")
+    doctor.add_argument("--precision", nargs="+", choices=["fp32", "tf32", "bf16", "fp16"],
+                        help="default: all the device runs (the CPU: fp32)")
+    doctor.add_argument("--quick", action="store_true", help="one shape per op (what training checks at its start)")
+    doctor.set_defaults(func=_doctor)
     return parser
 
 

@@ -2,7 +2,9 @@
 and the authors' pipeline computing the same objective as Reprogrammer."""
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,31 @@ def test_gpu_check_script_parses():
     script = Path(bench_kernels.__file__).with_name("gpu_check.sh")
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+GPU_CHECK = Path(bench_kernels.__file__).with_name("gpu_check.sh")
+
+
+def test_gpu_check_fits_five_minutes_with_a_limit_on_every_stage():
+    text = GPU_CHECK.read_text()
+    limits = {name: int(value) for name, value in re.findall(r"^LIMIT_([A-Z]+)=(\d+)$", text, re.M)}
+    assert sum(limits.values()) <= 300, limits
+    staged = re.findall(r'^\s*stage (\w+) "\$LIMIT_([A-Z]+)"', text, re.M)
+    # The dry run and the GPU run go through the same stages, each under its own limit.
+    assert sorted(staged) == sorted(2 * [("doctor", "DOCTOR"), ("tests", "TESTS"), ("kernels", "KERNELS"),
+                                         ("train", "TRAIN")])
+    assert set(limits) == {"WHEELS", "PREFLIGHT", "DOCTOR", "TESTS", "KERNELS", "TRAIN"}
+    assert "compile_report" not in text  # offline work has no place on the device
+    # SIGINT first, so that pytest and the doctor print what they did before the limit.
+    assert "timeout --signal=INT" in text
+
+
+def test_gpu_check_names_existing_cuda_tests():
+    text = GPU_CHECK.read_text()
+    block = text[text.index("CUDA_TESTS=("):]
+    node_ids = re.findall(r'^\s*"(tests/[^"]+)"$', block[:block.index(")\n")], re.M)
+    assert node_ids
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *node_ids], capture_output=True, text=True, cwd=GPU_CHECK.parents[1])
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert f"{len(node_ids)} tests collected" in collected.stdout

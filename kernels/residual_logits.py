@@ -8,9 +8,9 @@
 
 `norm` is `F.normalize` (rows divided by `max(||row||, 1e-12)`). The text side is tiny: it is
 blended in PyTorch once per call, and in evaluation (no gradient to it) cached across calls,
-keyed on the text tensors' identity and `_version` counters, `alpha` and the scale
-(`_TextBlendCache`). The image side never exists as a tensor: each program computes the
-inverse row norms of its `img_rp` / `img_zs` rows, then blends its row block ONCE, keeps it on
+keyed on the text tensors' identity, address and `_version` counters, `alpha` and the scale
+(`cache.TensorCache`, which the model's text features use too). The image side never exists
+as a tensor: each program computes the inverse row norms of its `img_rp` / `img_zs` rows, then blends its row block ONCE, keeps it on
 chip and sweeps its classes against it (`_plan` picks the sizes):
 
 - bf16 / fp16 (and fp32 under TF32, kept only when it fits): 64-row blocks, the m64 tile of an sm_90 warpgroup, so
@@ -73,8 +73,6 @@ Scores (evaluation only, no gradient) for temperature `T`, per row of `cos`:
 gets them with an online softmax over tiles of classes, writing logits only when asked.
 """
 import functools
-import weakref
-from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -84,6 +82,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton import tl, triton
 from .backend import use_triton
+from .cache import TensorCache
 from .launch import cdiv, pow2_between
 
 NORM_EPS = 1e-12  # F.normalize's default; the kernels spell it out as a literal
@@ -570,49 +569,9 @@ def _residual_scores_op(img_rp: Tensor, img_zs: Tensor, txt: Tensor, logit_scale
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-class _TextBlendCache:
-    """The blended (and scaled) text side of recent evaluation calls.
-
-    The text side is `[C, D]` and the same on every call of an evaluation loop, but its blend
-    is half a dozen small kernels. When no gradient can flow to it (grad mode off, or none of
-    `txt_rp`, `txt_zs`, `logit_scale` requires grad) the result is kept, keyed on the tensors'
-    identity and `_version` counters (bumped by every in-place change), `alpha`, the scale and
-    the dtype; weak references make sure a recycled `id` never hits. Not used under
-    `torch.compile` (the compiled graph computes it) nor for inference-mode tensors, which have
-    no version counter.
-    """
-
-    def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self.entries: OrderedDict = OrderedDict()
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-    @staticmethod
-    def usable(tensors) -> bool:
-        if torch.compiler.is_compiling():
-            return False
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return False
-        return not any(t.is_inference() for t in tensors)
-
-    def get(self, tensors, extra, compute):
-        if not self.usable(tensors):
-            return compute()
-        key = (tuple((id(t), t._version) for t in tensors), extra)
-        entry = self.entries.get(key)
-        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
-            self.entries.move_to_end(key)
-            return entry[1]
-        value = compute()
-        self.entries[key] = ([weakref.ref(t) for t in tensors], value)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-        return value
-
-
-_TEXT_CACHE = _TextBlendCache()
+# The blended text side of recent calls that no gradient can reach (an evaluation loop's): the
+# same `[C, D]` on every call, but half a dozen small kernels to blend.
+_TEXT_CACHE = TensorCache(capacity=8)
 
 
 def _text_side(txt_rp: Tensor, txt_zs: Tensor, alpha: float, logit_scale, dtype: torch.dtype) -> Tensor:
@@ -629,7 +588,7 @@ def _text_side(txt_rp: Tensor, txt_zs: Tensor, alpha: float, logit_scale, dtype:
         txt = blend(txt_rp, txt_zs, alpha)
         return (txt if logit_scale is None else logit_scale * txt).to(dtype)
 
-    return _TEXT_CACHE.get(tensors, (float(alpha), scale_key, dtype), compute)
+    return _TEXT_CACHE(tensors, (float(alpha), scale_key, dtype), compute)
 
 
 def residual_logits(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale) -> torch.Tensor:
@@ -638,7 +597,7 @@ def residual_logits(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale
     `logit_scale` (a float or 0-d tensor, `exp` of CLIP's parameter) is folded into the text
     side. Differentiable w.r.t. every input, except that with `alpha == 0` `img_zs` and
     `txt_zs` are never read and so get no gradient. Without gradients to the text side, its
-    blend is cached across calls (`_TextBlendCache`).
+    blend is kept across calls (`_TEXT_CACHE`).
     """
     _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
     dtype = img_rp.dtype
@@ -654,7 +613,7 @@ def residual_scores(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale
     `mcm`, `energy` and `max_logit` are fp32 functions of the blended cosine `cos` (not of
     `logit_scale * cos`); `logits` (`logit_scale * cos`, `[B, C]` in `img_rp`'s dtype) is
     computed only when `return_logits`, otherwise it is None and no `[B, C]` tensor is made.
-    The blended text side is cached across calls (`_TextBlendCache`).
+    The blended text side is kept across calls (`_TEXT_CACHE`).
     """
     _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
     _check_temperature(temperature)

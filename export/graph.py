@@ -14,7 +14,7 @@ import torch.nn as nn
 from open_clip.transformer import VisionTransformer
 
 from reprogrammer.constants import MCM_TEMPERATURE
-from reprogrammer.kernels import blend, ood_scores, reprogram_patch_embed_ref
+from reprogrammer.kernels import blend, check_alpha, ood_scores, reprogram_patch_embed_ref
 from reprogrammer.model import Reprogrammer
 from reprogrammer.towers import encode_patch_tokens, vision_tower
 
@@ -47,12 +47,11 @@ class ExportableClassifier(nn.Module):
 
     def __init__(self, model: Reprogrammer, *, alpha: float, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha={alpha} must lie in [0, 1] (0: Reprogrammer, 1: zero-shot)")
+        alpha = check_alpha(alpha)
         visual = model.clip.visual
         self.visual: VisionTransformer = visual if dtype == visual.conv1.weight.dtype \
             else copy.deepcopy(visual).to(dtype)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.canvas = model.canvas
         self.up_resolution = model.up_resolution
         self.mean, self.std = model.mean, model.std

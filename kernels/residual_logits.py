@@ -40,6 +40,7 @@ The text side and `logit_scale` get their gradients from PyTorch's autograd thro
 blend, so training with the residual path on works for `img_rp`, `txt_rp` and any `a`.
 """
 import functools
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -66,6 +67,18 @@ class ResidualScores(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # PyTorch references
 # ---------------------------------------------------------------------------------------------
+def check_alpha(alpha, key: str = "alpha") -> float:
+    """`alpha` as a float, or a ValueError naming `key` when it is not a number in [0, 1]."""
+    value = float(alpha) if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) else float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{key}={alpha!r} must be a number in [0, 1], the weight of the zero-shot features (0: "
+            f"Reprogrammer, 1: zero-shot CLIP, in between: Residual Reprogrammer); give {key} a value "
+            "in that range"
+        )
+    return value
+
+
 def _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha):
     if img_rp.dim() != 2 or txt_rp.dim() != 2 or img_rp.shape[1] != txt_rp.shape[1]:
         raise ValueError(
@@ -85,8 +98,7 @@ def _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha):
             f"features live on different devices {[str(f.device) for f in features]}; move them "
             "to one device"
         )
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha} must lie in [0, 1] (0: Reprogrammer, 1: zero-shot)")
+    check_alpha(alpha)
 
 
 def blend(rp: torch.Tensor, zs: torch.Tensor, alpha: float) -> torch.Tensor:

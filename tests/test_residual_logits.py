@@ -343,6 +343,14 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
         kernels.residual_scores(**args)
 
 
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), "0.4", None, True])
+def test_alpha_check_names_the_key_and_the_range(alpha):
+    """One check for the op, the exported graph and the exporter: it names the key it is given."""
+    with pytest.raises(ValueError, match=r"^method\.alpha=.* must be a number in \[0, 1\].*give method\.alpha"):
+        kernels.check_alpha(alpha, "method.alpha")
+    assert kernels.check_alpha(0) == 0.0 and kernels.check_alpha(1) == 1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only: compiled Triton at evaluation size, fp32 and bf16
 # ---------------------------------------------------------------------------------------------

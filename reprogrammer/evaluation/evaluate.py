@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .. import kernels
-from ..constants import MCM_TEMPERATURE
+from ..constants import MCM_TEMPERATURE, RESIDUAL_ALPHA
 from ..data.images import base_dataset
 from ..data.loaders import eval_loader
 from ..data.suites import EvalSets
@@ -193,5 +193,5 @@ def dataset_line(name: str, result: dict) -> str:
 
 def pick_alpha(rows: list[dict], preferred: Optional[float]) -> dict:
     """The sweep row at `preferred` alpha (the configured one), else the closest."""
-    target = 0.4 if preferred is None else preferred
+    target = RESIDUAL_ALPHA if preferred is None else preferred
     return min(rows, key=lambda row: abs(row["alpha"] - target))

@@ -10,8 +10,9 @@ The scores op is evaluation-only: forward alone.
 
 Shapes come from real models: the patch embedding of ViT-B/32, ViT-B/16 and ViT-L/14 at
 S = U = 224, fed 32x32 sources (upsampled bicubically to 224) and 224x224 sources (no resize);
-the residual ops at B in {256, 4096}, C in {10, 1000}, D = 512, alpha = 0.4. On CUDA the patch
-embedding runs under bf16 autocast and in fp32; the residual ops take bf16 and fp32 features.
+the residual ops at B in {256, 4096}, C in {10, 1000}, D = 512, alpha = 0.4 (`RESIDUAL_ALPHA`).
+On CUDA the patch embedding runs under bf16 autocast and in fp32; the residual ops take bf16 and
+fp32 features.
 
 Throughput: TFLOP/s counts the GEMM flops 2*M*N*K; GB/s counts the bytes a fused kernel must move
 at the least (see `COUNTED`, also written into the JSON). Both are related to the ceilings measured
@@ -43,7 +44,7 @@ from bench.harness import (
     write_results,
 )
 from reprogrammer import kernels
-from reprogrammer.constants import CLIP_MEAN, CLIP_STD
+from reprogrammer.constants import CLIP_MEAN, CLIP_STD, MCM_TEMPERATURE, RESIDUAL_ALPHA
 from reprogrammer.training.telemetry import GpuTelemetry
 
 PROVIDERS = ("triton", "torch", "torch_compile")
@@ -61,9 +62,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # name: (canvas S, patch p, width) of the image tower's patch embedding.
 MODELS = {"ViT-B/32": (224, 32, 768), "ViT-B/16": (224, 16, 768), "ViT-L/14": (224, 14, 1024)}
 QUICK_MODELS = {"tiny": (32, 8, 48)}
-ALPHA = 0.4
+ALPHA = RESIDUAL_ALPHA
 LOGIT_SCALE = 100.0
-TEMPERATURE = 0.01
+TEMPERATURE = MCM_TEMPERATURE
 
 COUNTED = {
     "flops": "GEMM flops 2*M*N*K. patch-embed: M = B*(S/p)^2, N = width, K = 3*p*p, forward and "

@@ -19,6 +19,7 @@ import torch
 
 from bench.harness import add_speedups, environment_info, markdown_table, time_fn, write_results
 from reprogrammer import Reprogrammer, load_clip
+from reprogrammer.constants import RESIDUAL_ALPHA
 from reprogrammer.export import OnnxClassifier
 from reprogrammer.export import metadata as meta
 from reprogrammer.export.onnx import export_onnx
@@ -52,7 +53,7 @@ def providers(model: Reprogrammer, onnx_paths: dict[str, Path], compile_model: b
     return fns
 
 
-def run(model_name: str = "RP-ViT-Tiny", *, image_resolution: int = 16, alpha: float = 0.4,
+def run(model_name: str = "RP-ViT-Tiny", *, image_resolution: int = 16, alpha: float = RESIDUAL_ALPHA,
         batch_sizes=(1, 32), fp16: bool = False, compile_model: bool = True,
         warmup: float = 25, rep: float = 100) -> list[dict]:
     """Rows `{model, batch, provider, ms, p20_ms, p80_ms, ms_per_image, images_per_s, speedup_vs_torch,
@@ -83,7 +84,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="RP-ViT-Tiny", help="open_clip ViT architecture (default RP-ViT-Tiny)")
     parser.add_argument("--image-resolution", type=int, default=16, help="input side of the exported graph")
-    parser.add_argument("--alpha", type=float, default=0.4, help="residual blend (0.4: Residual Reprogrammer)")
+    parser.add_argument("--alpha", type=float, default=RESIDUAL_ALPHA,
+                        help=f"residual blend (default {RESIDUAL_ALPHA}: Residual Reprogrammer)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--fp16", action="store_true", help="also time the fp16 ONNX export")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow first compile)")

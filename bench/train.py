@@ -18,8 +18,8 @@ Training step = forward + backward + optimiser step, for three pipelines:
   forward and backward from already-made patch tokens, the text tower's on the batch's unique
   prompts (same compilation as `ours`).
 
-Evaluation (images/s of Residual Reprogrammer, alpha 0.4, scoring one batch of an evaluation
-whose text features are already encoded, as every inference path encodes them once per
+Evaluation (images/s of Residual Reprogrammer at alpha 0.4, `RESIDUAL_ALPHA`, scoring one batch
+of an evaluation whose text features are already encoded, as every inference path encodes them once per
 evaluation): `naive-two-pass` runs the two image branches as two encoder passes (reprogrammed;
 zero-shot from the resized image) and blends in eager torch; `ours` is `Reprogrammer.forward`
 (one paired image pass, cached text features, the residual-logits op).
@@ -65,7 +65,7 @@ from bench.harness import (
 )
 from reprogrammer import kernels
 from reprogrammer.clip import image_normalisation, load_clip
-from reprogrammer.constants import DEFAULT_TEMPLATE
+from reprogrammer.constants import DEFAULT_TEMPLATE, RESIDUAL_ALPHA
 from reprogrammer.data import ArrayImageDataset
 from reprogrammer.data.loaders import ResidentLoader
 from reprogrammer.methods import MethodConfig
@@ -77,7 +77,7 @@ from reprogrammer.methods.optim import reprogrammer_optimizers
 from reprogrammer.training.telemetry import GpuTelemetry
 
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-ALPHA = 0.4
+ALPHA = RESIDUAL_ALPHA
 BASELINES = ("authors", "eager-amp", "lower-bound", "naive-two-pass")
 ROW_ORDER = ("authors", "eager-amp", "naive-two-pass", "ours", "lower-bound")
 

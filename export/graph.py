@@ -4,7 +4,8 @@ Everything that does not depend on the input is folded into constants: the pertu
 `tanh(W * M)` (eval mode, no dropout), the blended class embeddings
 `(1 - a) * norm(txt_rp) + a * norm(txt_zs)` and `exp(logit_scale)`. The image side calls the
 PyTorch reference ops directly, never the `kernels` dispatchers: those route through custom
-operators (Triton on CUDA) that no ONNX exporter can translate.
+operators (Triton on CUDA) that no ONNX exporter can translate. The OOD score is MCM as its one
+definition computes it (`kernels.ood_scores`).
 """
 import copy
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 from open_clip.transformer import VisionTransformer
 
 from reprogrammer.constants import MCM_TEMPERATURE
-from reprogrammer.kernels import blend, reprogram_patch_embed_ref
+from reprogrammer.kernels import blend, check_alpha, ood_scores, reprogram_patch_embed_ref
 from reprogrammer.model import Reprogrammer
 from reprogrammer.towers import encode_patch_tokens, vision_tower
 
@@ -46,12 +47,11 @@ class ExportableClassifier(nn.Module):
 
     def __init__(self, model: Reprogrammer, *, alpha: float, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha={alpha} must lie in [0, 1] (0: Reprogrammer, 1: zero-shot)")
+        alpha = check_alpha(alpha)
         visual = model.clip.visual
         self.visual: VisionTransformer = visual if dtype == visual.conv1.weight.dtype \
             else copy.deepcopy(visual).to(dtype)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.canvas = model.canvas
         self.up_resolution = model.up_resolution
         self.mean, self.std = model.mean, model.std
@@ -81,5 +81,5 @@ class ExportableClassifier(nn.Module):
             other = zero_shot() if self.alpha > 0 else reprogrammed
         cos = blend(reprogrammed, other, self.alpha) @ self.text_features.T
         logits = self.logit_scale * cos
-        ood_score = (cos / MCM_TEMPERATURE).softmax(dim=-1).amax(dim=-1)
-        return logits, logits.softmax(dim=-1), ood_score, logits.argmax(dim=-1)
+        scores = ood_scores(cos, MCM_TEMPERATURE)
+        return logits, logits.softmax(dim=-1), scores.mcm, scores.prediction

@@ -32,6 +32,7 @@ import torch
 
 from reprogrammer.constants import MCM_TEMPERATURE
 from reprogrammer.evaluation.metrics import fpr95_threshold
+from reprogrammer.kernels import check_alpha
 from . import metadata as meta
 from .graph import OUTPUT_NAMES, ExportableClassifier, check_exportable
 from .predict import check_images
@@ -71,7 +72,7 @@ def export_onnx(model, path, *, image_resolution: int, alpha: Optional[float] = 
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset={opset!r} must be an int >= {MIN_OPSET} (bicubic Resize needs it); 18 is the default")
     exporters = _exporters_to_try(exporter, opset, fp16)
-    alpha = float(model.alpha if alpha is None else alpha)
+    alpha = check_alpha(model.alpha if alpha is None else alpha)
     precision = "fp16" if fp16 else "fp32"
     atol = DEFAULT_ATOL[precision] if atol is None else float(atol)
     user = dict(metadata or {})

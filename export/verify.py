@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 
 from reprogrammer.constants import MCM_TEMPERATURE
-from reprogrammer.kernels import use_backend
+from reprogrammer.kernels import ood_scores, use_backend
 from .graph import OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,12 @@ def reference_outputs(model, images: torch.Tensor, alpha: float) -> dict[str, np
     """The graph's outputs as PyTorch computes them from `model(images)` with `alpha`."""
     with _reference_backend_and_alpha(model, alpha), torch.no_grad():
         logits = model(images).float()
-        cos = logits / model.logit_scale
+        scores = ood_scores(logits / model.logit_scale, MCM_TEMPERATURE)
     return {
         "logits": logits.numpy(),
         "probabilities": logits.softmax(dim=-1).numpy(),
-        "ood_score": (cos / MCM_TEMPERATURE).softmax(dim=-1).amax(dim=-1).numpy(),
-        "prediction": logits.argmax(dim=-1).numpy(),
+        "ood_score": scores.mcm.numpy(),
+        "prediction": scores.prediction.numpy(),
     }
 
 

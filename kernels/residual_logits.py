@@ -6,55 +6,27 @@
     cos = img @ txt.T                                       # [B, C]
     logits = logit_scale * cos
 
-`norm` is `F.normalize` (rows divided by `max(||row||, 1e-12)`). The text side is tiny: it is
-blended in PyTorch once per call, and in evaluation (no gradient to it) cached across calls,
-keyed on the text tensors' identity and `_version` counters, `alpha` and the scale
-(`_TextBlendCache`). The image side never exists as a tensor: each program computes the
-inverse row norms of its `img_rp` / `img_zs` rows, then blends its row block ONCE, keeps it on
-chip and sweeps its classes against it (`_plan` picks the sizes):
+and per row of `cos`, for a temperature `T` (0.01 in the paper):
 
-- bf16 / fp16 (and fp32 under TF32, kept only when it fits): 64-row blocks, the m64 tile of an sm_90 warpgroup, so
-  `tl.dot` becomes wgmma. The block, `[64, D]` in up to four column chunks, stays in shared
-  memory (read into registers by ldmatrix for register-A wgmma) while the class tiles stream
-  by, the next tile's text loaded ahead (2 stages) where shared memory allows.
-- IEEE fp32 (PyTorch's default "highest") runs on FMAs, where the blend is 2 / BLOCK_C of the
-  work: the block is streamed, blended per class tile as the A operand of a K loop (32 rows).
-- Programs: one per 64-row block, the classes split into groups across programs only as far as
-  needed to give every SM one (B = 4096: 64 blocks x 2 groups = 128 programs on 132 SMs, each
-  block blended twice instead of once per 128-class tile). The scores kernel keeps an online
-  softmax per group; `_combine_scores_kernel` merges the groups (argmax: the first of ties).
+    prediction = argmax cos (the first of ties)     mcm = max softmax(cos / T)
+    energy = T * logsumexp(cos / T)                 max_logit = max cos
 
-sm_90a evidence (H200), B = 4096, C = 1000, alpha = 0.4: COMPILED OFFLINE, NOT MEASURED
-(`python -m bench.compile_report`, triton 3.8 for `GPUTarget("cuda", 90, 32)`, the wheel's
-ptxas; results in bench/results/compile-sm90a-offline-*.md). "instr/out" is warp-instructions
-per output element (hot-loop SASS x trips x warps / outputs per program), "LDG/out" global
-load instructions per output element; "bound" is the compulsory traffic (features read once,
-logits or four per-row scores written) against 4.3 TB/s and the FLOPs 2BCD against 790
-TFLOP/s bf16 or 67 TFLOP/s fp32 FMA, whichever is larger. No spills anywhere.
+`norm` is `F.normalize` (rows divided by `max(||row||, 1e-12)`). The scores are functions of the
+blended cosine, not of `logit_scale * cos`. `ood_scores` is their one definition: the reference
+ops, evaluation, ONNX export and its verification all call it.
 
-    kernel  D    dtype  | before: regs smem  CTA/SM MMA           instr/out LDG/out | after: regs smem  CTA/SM MMA           instr/out LDG/out | bound
-    logits  512  bf16   |         112  88K   2      HGMMA.64x64x16  2.65      0.084   |        175  200K  1      HGMMA.64x64x16  0.96      0.046   |  5.3 us compute (17.6 MB: 4.1 us)
-    scores  512  bf16   |         128  52K   2      HMMA.16816      3.54      0.124   |        182  192K  1      HGMMA.64x64x16  1.15      0.046   |  5.3 us compute ( 9.8 MB: 2.3 us)
-    logits  768  bf16   |         112  88K   2      HGMMA.64x64x16  3.54      0.116   |        180  132K  1      HGMMA.64x32x16  1.82      0.064   |  8.0 us compute (22.3 MB: 5.2 us)
-    scores  768  bf16   |         128  52K   2      HMMA.16816      4.65      0.172   |        178  132K  1      HGMMA.64x32x16  2.20      0.064   |  8.0 us compute (14.5 MB: 3.4 us)
-    logits  512  fp32   |         190  144K  1      FFMA            20.6      0.168   |        198  104K  1      FFMA            22.9      0.296   | 62.6 us FMA
-    scores  512  fp32   |         166  104K  1      FFMA            22.3      0.247   |        157  104K  1      FFMA            22.5      0.247   | 62.6 us FMA
-    logits  768  fp32   |         190  144K  1      FFMA            30.4      0.232   |        198  104K  1      FFMA            33.4      0.392   | 93.9 us FMA
-    scores  768  fp32   |         166  104K  1      FFMA            32.7      0.343   |        157  104K  1      FFMA            33.0      0.343   | 93.9 us FMA
-
-Before: 512 logits programs of 64 x 128 (8 warps, two 64 x 64 wgmma warpgroups) and 128 scores
-programs of 32 rows (mma.sync), each blending its image rows again for every 128-class tile
-(8x at C = 1000). After (bf16): 128 programs, each blends its 64 rows once; the scores kernel
-adds a 16-program merge (0.2 MB). Per output, 2.8x (logits) and 3.1x (scores) fewer
-instructions at D = 512, 1.9x / 2.1x at D = 768, and about half the global loads. The price:
-the kept block plus the text tiles in flight fill shared memory (1 CTA/SM), and at D = 768 a
-64-wide class tile fits only without loading ahead, so two warpgroups split it into 64 x 32
-wgmma. A K loop over a kept block would need shared-memory subviews Triton does not expose.
-IEEE fp32 is unchanged in design (FMA-bound; the 32-row logits blocks cost ~10 % more
-instructions than the old 64 x 128 tiles, which spill once inside a class loop).
-Estimated, not measured: at D = 512 bf16 the kernels should run near the 5.3 us compute bound
-plus launch; the eager reference runs about ten kernels (two normalisations per side, blends,
-a cuBLAS GEMM, the scale). Measured numbers come from `bench/gpu_check.sh` on a lent H200.
+Why fused: evaluation scores every image against every class, at each alpha of a sweep. The
+eager reference materialises the blended image rows and the `[B, C]` logits (about ten
+kernels); here the image side never exists as a tensor. Each program computes the inverse row
+norms of its image rows, blends its row block once, keeps it on chip (tensor-core dots: bf16,
+fp16, fp32 as TF32) or streams it (IEEE fp32, FMA-bound, where the blend is 2 / BLOCK_C of the
+work), and sweeps its classes against it. The scores kernel keeps an online softmax over class
+tiles, so no `[B, C]` tensor is written unless the logits are asked for; classes are split
+across programs only as far as needed to fill the GPU, and `_combine_scores_kernel` merges the
+groups. The text side is tiny: it is blended in PyTorch once per call, and while no gradient
+can reach it kept across calls (`cache.TensorCache`, keyed on the text tensors and `alpha`).
+The compiled code's evidence (registers, shared memory, instructions per output on sm_90a) is
+in bench/results/compile-sm90a-offline-*.md, written by `python -m bench.compile_report`.
 
 Dtypes: `img_rp`'s dtype is the compute dtype; the other inputs are cast to it. Logits come
 back in that dtype; the OOD scores are always fp32.
@@ -66,14 +38,8 @@ Gradient of the logits w.r.t. the image rows, with `g = dL/dimg` (rows) and `u =
 (`g / 1e-12` for rows shorter than `1e-12`, where `F.normalize` divides by the constant).
 The text side and `logit_scale` get their gradients from PyTorch's autograd through the
 blend, so training with the residual path on works for `img_rp`, `txt_rp` and any `a`.
-
-Scores (evaluation only, no gradient) for temperature `T`, per row of `cos`:
-`prediction = argmax`, `mcm = max softmax(cos / T)`, `energy = T * logsumexp(cos / T)`,
-`max_logit = max cos` (the blended cosine, not scaled by `logit_scale`). The Triton kernel
-gets them with an online softmax over tiles of classes, writing logits only when asked.
 """
-import weakref
-from collections import OrderedDict
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -83,6 +49,7 @@ from torch.library import triton_op
 
 from ._triton import tl, triton, wrap_triton
 from .backend import use_triton
+from .cache import TensorCache
 from .launch import DEFAULT_SM_COUNT, cdiv, dot_precision, pow2_between
 from .launch import sm_count as _sm_count  # a module attribute, so that tests can replace it
 
@@ -95,6 +62,94 @@ class ResidualScores(NamedTuple):
     energy: Tensor  # fp32 [B], T * logsumexp(cos / T)
     max_logit: Tensor  # fp32 [B], max of the blended cosine (unscaled)
     logits: Tensor | None  # [B, C] logit_scale * cos in the compute dtype, when asked for
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch references
+# ---------------------------------------------------------------------------------------------
+def check_alpha(alpha, key: str = "alpha") -> float:
+    """`alpha` as a float, or a ValueError naming `key` when it is not a number in [0, 1]."""
+    value = float(alpha) if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) else float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{key}={alpha!r} must be a number in [0, 1], the weight of the zero-shot features (0: "
+            f"Reprogrammer, 1: zero-shot CLIP, in between: Residual Reprogrammer); give {key} a value "
+            "in that range"
+        )
+    return value
+
+
+def _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha):
+    if img_rp.dim() != 2 or txt_rp.dim() != 2 or img_rp.shape[1] != txt_rp.shape[1]:
+        raise ValueError(
+            f"image features must be [B, D] and text features [C, D], got {tuple(img_rp.shape)} "
+            f"and {tuple(txt_rp.shape)}"
+        )
+    if img_zs.shape != img_rp.shape or txt_zs.shape != txt_rp.shape:
+        raise ValueError(
+            f"zero-shot features {tuple(img_zs.shape)}, {tuple(txt_zs.shape)} must match the "
+            f"reprogrammed ones {tuple(img_rp.shape)}, {tuple(txt_rp.shape)}"
+        )
+    features = (img_rp, img_zs, txt_rp, txt_zs)
+    if not all(f.is_floating_point() for f in features):
+        raise TypeError(f"features must be floating point, got {[f.dtype for f in features]}")
+    if len({f.device for f in features}) > 1:
+        raise ValueError(
+            f"features live on different devices {[str(f.device) for f in features]}; move them "
+            "to one device"
+        )
+    check_alpha(alpha)
+
+
+def blend(rp: torch.Tensor, zs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`(1 - a) * norm(rp) + a * norm(zs)`, without re-normalisation."""
+    if alpha == 0.0:
+        # Plain Reprogrammer: `zs` may be a placeholder (callers pass `rp` again); never read it.
+        return F.normalize(rp, dim=-1)
+    return (1.0 - alpha) * F.normalize(rp, dim=-1) + alpha * F.normalize(zs, dim=-1)
+
+
+def residual_logits_ref(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale) -> torch.Tensor:
+    """Reference for `residual_logits`: both blends materialised, then one matmul."""
+    _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
+    dtype = img_rp.dtype
+    img = blend(img_rp, img_zs.to(dtype), alpha)
+    txt = blend(txt_rp, txt_zs, alpha).to(dtype)
+    return logit_scale * img @ txt.T
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be positive (the paper uses 0.01)")
+
+
+def ood_scores(cos: Tensor, temperature: float) -> ResidualScores:
+    """The OOD scores of per-class similarities `[N, C]`: the one definition (module docstring).
+
+    For CLIP-style classifiers pass the cosines with `T = 0.01` (the authors' fixed setting);
+    any classifier's logits with its own temperature (1: MSP). `mcm`, `energy` and `max_logit`
+    are fp32, `prediction` int64 (the first of tied classes); `logits` is None.
+    """
+    if cos.dim() != 2 or cos.shape[1] == 0:
+        raise ValueError(f"expected [N, C] per-class scores with C >= 1, got shape {tuple(cos.shape)}")
+    _check_temperature(temperature)
+    z = cos.float() / temperature
+    return ResidualScores(cos.argmax(dim=1), z.softmax(dim=1).amax(dim=1), temperature * z.logsumexp(dim=1),
+                          cos.float().amax(dim=1), None)
+
+
+def _scores_and_logits(cos: Tensor, logit_scale, temperature: float, return_logits: bool) -> ResidualScores:
+    """`ood_scores(cos)` with `logit_scale * cos` in `cos`'s dtype when `return_logits`."""
+    logits = (logit_scale * cos).to(cos.dtype) if return_logits else None
+    return ResidualScores(*ood_scores(cos, temperature)[:4], logits)
+
+
+def residual_scores_ref(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale,
+                        temperature: float = 0.01, return_logits: bool = False) -> ResidualScores:
+    """Reference for `residual_scores`: materialises the cosines, then reduces them."""
+    _check_temperature(temperature)
+    cos = residual_logits_ref(img_rp, img_zs, txt_rp, txt_zs, alpha=alpha, logit_scale=1.0)
+    return _scores_and_logits(cos, logit_scale, temperature, return_logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +384,8 @@ def _combine_scores_kernel(
     tl.store(energy_ptr + rows, top + temperature * tl.log(total), mask=ok)
 
 
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -431,69 +488,6 @@ def _launch_scores(img_rp: Tensor, img_zs: Tensor, txt: Tensor, logit_scale: Ten
     return prediction[0], mcm, energy, max_cos[0], logits
 
 
-# ---------------------------------------------------------------------------------------------
-# PyTorch references
-# ---------------------------------------------------------------------------------------------
-def _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha):
-    if img_rp.dim() != 2 or txt_rp.dim() != 2 or img_rp.shape[1] != txt_rp.shape[1]:
-        raise ValueError(
-            f"image features must be [B, D] and text features [C, D], got {tuple(img_rp.shape)} "
-            f"and {tuple(txt_rp.shape)}"
-        )
-    if img_zs.shape != img_rp.shape or txt_zs.shape != txt_rp.shape:
-        raise ValueError(
-            f"zero-shot features {tuple(img_zs.shape)}, {tuple(txt_zs.shape)} must match the "
-            f"reprogrammed ones {tuple(img_rp.shape)}, {tuple(txt_rp.shape)}"
-        )
-    features = (img_rp, img_zs, txt_rp, txt_zs)
-    if not all(f.is_floating_point() for f in features):
-        raise TypeError(f"features must be floating point, got {[f.dtype for f in features]}")
-    if len({f.device for f in features}) > 1:
-        raise ValueError(
-            f"features live on different devices {[str(f.device) for f in features]}; move them "
-            "to one device"
-        )
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha} must lie in [0, 1] (0: Reprogrammer, 1: zero-shot)")
-
-
-def blend(rp: torch.Tensor, zs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`(1 - a) * norm(rp) + a * norm(zs)`, without re-normalisation."""
-    if alpha == 0.0:
-        # Plain Reprogrammer: `zs` may be a placeholder (callers pass `rp` again); never read it.
-        return F.normalize(rp, dim=-1)
-    return (1.0 - alpha) * F.normalize(rp, dim=-1) + alpha * F.normalize(zs, dim=-1)
-
-
-def residual_logits_ref(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale) -> torch.Tensor:
-    """Reference for `residual_logits`: both blends materialised, then one matmul."""
-    _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
-    dtype = img_rp.dtype
-    img = blend(img_rp, img_zs.to(dtype), alpha)
-    txt = blend(txt_rp, txt_zs, alpha).to(dtype)
-    return logit_scale * img @ txt.T
-
-
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be positive (the paper uses 0.01)")
-
-
-def _scores_of_cosine(cos: Tensor, logit_scale, temperature: float, return_logits: bool):
-    """(prediction, mcm, energy, max cos, logits or None) of materialised cosines `[B, C]`."""
-    z = cos.float() / temperature
-    logits = (logit_scale * cos).to(cos.dtype) if return_logits else None
-    return (cos.argmax(dim=1), z.softmax(dim=1).amax(dim=1), temperature * z.logsumexp(dim=1),
-            cos.float().amax(dim=1), logits)
-
-
-def residual_scores_ref(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale,
-                        temperature: float = 0.01, return_logits: bool = False) -> ResidualScores:
-    """Reference for `residual_scores`: materialises the cosines, then reduces them."""
-    _check_temperature(temperature)
-    cos = residual_logits_ref(img_rp, img_zs, txt_rp, txt_zs, alpha=alpha, logit_scale=1.0)
-    return ResidualScores(*_scores_of_cosine(cos, logit_scale, temperature, return_logits))
-
 
 # ---------------------------------------------------------------------------------------------
 # Operators: Triton where `use_triton` says so, the reference otherwise (CPU, torch backend)
@@ -552,56 +546,16 @@ def _residual_scores_op(img_rp: Tensor, img_zs: Tensor, txt: Tensor, logit_scale
         return _launch_scores(img_rp.contiguous(), img_zs.contiguous(), txt.contiguous(), logit_scale,
                               alpha, temperature, return_logits)
     cos = blend(img_rp, img_zs, alpha) @ txt.T
-    *scores, logits = _scores_of_cosine(cos, logit_scale, temperature, return_logits)
+    *scores, logits = _scores_and_logits(cos, logit_scale, temperature, return_logits)
     return (*scores, cos.new_empty(cos.shape[0], 0) if logits is None else logits)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-class _TextBlendCache:
-    """The blended (and scaled) text side of recent evaluation calls.
-
-    The text side is `[C, D]` and the same on every call of an evaluation loop, but its blend
-    is half a dozen small kernels. When no gradient can flow to it (grad mode off, or none of
-    `txt_rp`, `txt_zs`, `logit_scale` requires grad) the result is kept, keyed on the tensors'
-    identity and `_version` counters (bumped by every in-place change), `alpha`, the scale and
-    the dtype; weak references make sure a recycled `id` never hits. Not used under
-    `torch.compile` (the compiled graph computes it) nor for inference-mode tensors, which have
-    no version counter.
-    """
-
-    def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self.entries: OrderedDict = OrderedDict()
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-    @staticmethod
-    def usable(tensors) -> bool:
-        if torch.compiler.is_compiling():
-            return False
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return False
-        return not any(t.is_inference() for t in tensors)
-
-    def get(self, tensors, extra, compute):
-        if not self.usable(tensors):
-            return compute()
-        key = (tuple((id(t), t._version) for t in tensors), extra)
-        entry = self.entries.get(key)
-        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
-            self.entries.move_to_end(key)
-            return entry[1]
-        value = compute()
-        self.entries[key] = ([weakref.ref(t) for t in tensors], value)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-        return value
-
-
-_TEXT_CACHE = _TextBlendCache()
+# The blended text side of recent calls that no gradient can reach (an evaluation loop's): the
+# same `[C, D]` on every call, but half a dozen small kernels to blend.
+_TEXT_CACHE = TensorCache(capacity=8)
 
 
 def _text_side(txt_rp: Tensor, txt_zs: Tensor, alpha: float, logit_scale, dtype: torch.dtype) -> Tensor:
@@ -618,7 +572,7 @@ def _text_side(txt_rp: Tensor, txt_zs: Tensor, alpha: float, logit_scale, dtype:
         txt = blend(txt_rp, txt_zs, alpha)
         return (txt if logit_scale is None else logit_scale * txt).to(dtype)
 
-    return _TEXT_CACHE.get(tensors, (float(alpha), scale_key, dtype), compute)
+    return _TEXT_CACHE(tensors, (float(alpha), scale_key, dtype), compute)
 
 
 def residual_logits(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale) -> torch.Tensor:
@@ -627,7 +581,7 @@ def residual_logits(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale
     `logit_scale` (a float or 0-d tensor, `exp` of CLIP's parameter) is folded into the text
     side. Differentiable w.r.t. every input, except that with `alpha == 0` `img_zs` and
     `txt_zs` are never read and so get no gradient. Without gradients to the text side, its
-    blend is cached across calls (`_TextBlendCache`).
+    blend is kept across calls (`_TEXT_CACHE`).
     """
     _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
     dtype = img_rp.dtype
@@ -643,7 +597,8 @@ def residual_scores(img_rp, img_zs, txt_rp, txt_zs, *, alpha: float, logit_scale
     `mcm`, `energy` and `max_logit` are fp32 functions of the blended cosine `cos` (not of
     `logit_scale * cos`); `logits` (`logit_scale * cos`, `[B, C]` in `img_rp`'s dtype) is
     computed only when `return_logits`, otherwise it is None and no `[B, C]` tensor is made.
-    The blended text side is cached across calls (`_TextBlendCache`).
+    The blended text side is kept across calls (`_TEXT_CACHE`). `ood_scores` of the cosines
+    defines the scores; this op computes the same without materialising them.
     """
     _check_inputs(img_rp, img_zs, txt_rp, txt_zs, alpha)
     _check_temperature(temperature)
@@ -712,3 +667,4 @@ def sm90_cases(batch: int, classes: int, dim: int, dtype: str) -> list[dict]:
                 bytes=grid[1] * B * 16 + B * 20, grid=(cdiv(B, COMBINE_BLOCK),), outputs=B,
                 trips=grid[1] - 1, divisible_by_16=[n for n, v in (("B", B),) if v % 16 == 0]))
     return cases
+

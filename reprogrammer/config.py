@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .constants import MCM_TEMPERATURE
+from .constants import MCM_TEMPERATURE, RESIDUAL_ALPHA
 from .runtime import PRECISIONS
 
 PRESETS = Path(__file__).parent / "presets"
@@ -57,7 +57,7 @@ class MethodConfig:
     up_resolution: Optional[int] = None
     mr_resolution: Optional[int] = None
     dropout: float = 0.0
-    alpha: float = 0.4
+    alpha: float = RESIDUAL_ALPHA
     train_residual: bool = False
     image_lr: float = 5e-3
     text_lr: float = 5e-4

@@ -9,3 +9,7 @@ DEFAULT_TEMPLATE = "a photo of a {}"
 
 # MCM / MSP temperature on cosine similarities: max softmax(cos / 0.01), the authors' fixed x100.
 MCM_TEMPERATURE = 0.01
+
+# Residual Reprogrammer's weight of the zero-shot features, the paper's setting: the default of
+# `method.alpha`, of evaluation's residual row and of the benchmarks (0 is plain Reprogrammer).
+RESIDUAL_ALPHA = 0.4

@@ -3,17 +3,17 @@
 Prompt-learning classifiers (Reprogrammer, CoOp) compute their class text features from a few
 trainable tensors and the frozen text tower. At inference those features are the same on every
 call, and the text tower is the expensive part (for ViT-B/32 about 58 GFLOP for 10 prompts of 77
-tokens, against 4.4 GFLOP per image). The cache key holds each input tensor's storage address and
-in-place version counter (optimiser steps, `load_state_dict`, `.to()` and in-place edits all change
-one) and the autocast state. Writes through `.data` bypass version counters, as they bypass
+tokens, against 4.4 GFLOP per image). The key is the package's one tensor cache
+(`kernels.cache.TensorCache`: each input's identity, storage address and in-place version
+counter) plus the autocast state. Writes through `.data` bypass version counters, as they bypass
 autograd's checks: call `clear()` after those.
 """
 from collections.abc import Callable, Sequence
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from .kernels.cache import TensorCache
 from .towers import text_tower
 
 
@@ -28,21 +28,18 @@ def text_tower_tensors(clip) -> list[torch.Tensor]:
 
 
 class TextFeatureCache:
-    """`cache(inputs, compute)`: `compute()` (run without gradients) unless `inputs` are unchanged since
-    the last call. Callers compute afresh themselves while gradients must flow to the inputs."""
+    """`cache(inputs, compute)`: `compute()` (run without gradients) unless `inputs` and the autocast
+    state are unchanged since the last call. While gradients can flow to the inputs every call
+    computes afresh."""
 
     def __init__(self):
-        self._entry: Optional[tuple[tuple, torch.Tensor]] = None
+        self._cache = TensorCache(capacity=1)
 
-    @torch.compiler.disable  # addresses and version counters are Python-side state: a graph break
+    @torch.compiler.disable  # identities and version counters are Python-side state: a graph break
     def __call__(self, inputs: Sequence[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         device_type = inputs[0].device.type
-        key = (tuple((t.data_ptr(), t._version) for t in inputs),
-               torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        if self._entry is None or self._entry[0] != key:
-            with torch.no_grad():
-                self._entry = (key, compute())
-        return self._entry[1]
+        autocast_state = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        return self._cache(inputs, autocast_state, compute)
 
     def clear(self) -> None:
-        self._entry = None
+        self._cache.clear()

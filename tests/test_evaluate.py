@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+from reprogrammer import kernels
 from reprogrammer.data import ArrayImageDataset
 from reprogrammer.data.suites import EvalSets
 from reprogrammer.evaluation.evaluate import EvalOptions, alpha_sweep, evaluate_classifier, reprogrammer_features
@@ -40,6 +41,19 @@ def test_alpha_sweep_from_cached_features_equals_rerunning_the_model():
             assert row[key] == direct[key], (alpha, key)
         for metric, value in direct["ood_detection"]["noise"].items():
             np.testing.assert_allclose(row["ood_detection"]["noise"][metric], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_alpha_sweep_scores_through_the_fused_op(monkeypatch):
+    """Every residual row comes from `kernels.residual_scores` (Triton on CUDA where the backend
+    allows), one call per set and alpha, not from re-scoring its logits."""
+    model, sets = _trained_model(), _sets()
+    options = EvalOptions(device=torch.device("cpu"), batch_size=8, progress=False)
+    features = reprogrammer_features(model, sets, options)
+    calls, fused = [], kernels.residual_scores
+    monkeypatch.setattr(kernels, "residual_scores", lambda *args, **kw: calls.append(kw["alpha"]) or fused(*args, **kw))
+    monkeypatch.setattr(kernels, "ood_scores", None)  # the per-logits scores are not called
+    alpha_sweep(features, sets, [0.0, 0.4], options)
+    assert calls == [0.0] * 3 + [0.4] * 3
 
 
 def test_sweep_rows_differ_across_alpha():

@@ -167,12 +167,20 @@ def test_scores_match_numpy(backend, B, C, D, alpha):
 
 def test_prediction_takes_first_of_tied_classes(backend):
     """Class 7 ties with class 9 (same class tile) and class 140 (a later tile, and with classes
-    split across programs a later group); the oracle and the reference agree."""
+    split across programs a later group): an op that kept the last of tied classes would answer
+    140. The ties are exact in floating point whatever the order of summation: the tied rows
+    hold sixteen entries of +-1 (norm 4) and the image rows are those times powers of two, so
+    every normalised entry, product and partial sum of their dot products is a small multiple
+    of a power of two."""
     _, _, txt_rp, txt_zs = features(5, 150, 64, tiny=False)
-    txt_rp[9] = txt_rp[140] = txt_rp[7]
-    img_rp = txt_rp[7] * torch.arange(1.0, 6.0, device=DEVICE)[:, None]
+    g = torch.Generator().manual_seed(4)
+    signs = torch.where(torch.rand(16, generator=g) < 0.5, -1.0, 1.0)
+    tied = torch.zeros(64).index_put_((torch.randperm(64, generator=g)[:16],), signs).to(DEVICE)
+    txt_rp[7] = txt_rp[9] = txt_rp[140] = tied
+    img_rp = tied * torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=DEVICE)[:, None]
     scores = kernels.residual_scores(img_rp, img_rp, txt_rp, txt_zs, alpha=0.0, logit_scale=SCALE)
     _, cos, _, _ = oracle_logits(*map(as_numpy, (img_rp, img_rp, txt_rp, txt_zs)), 0.0, SCALE)
+    assert (cos[:, [7, 9, 140]] == 1.0).all() and (np.delete(cos, [7, 9, 140], axis=1) < 0.9).all()
     assert scores.prediction.tolist() == oracle_scores(cos, 0.01)[0].tolist() == [7] * 5
     reference = kernels.residual_scores_ref(img_rp, img_rp, txt_rp, txt_zs, alpha=0.0, logit_scale=SCALE)
     assert reference.prediction.tolist() == [7] * 5
@@ -333,6 +341,14 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         kernels.residual_scores(**args)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), "0.4", None, True])
+def test_alpha_check_names_the_key_and_the_range(alpha):
+    """One check for the op, the exported graph and the exporter: it names the key it is given."""
+    with pytest.raises(ValueError, match=r"^method\.alpha=.* must be a number in \[0, 1\].*give method\.alpha"):
+        kernels.check_alpha(alpha, "method.alpha")
+    assert kernels.check_alpha(0) == 0.0 and kernels.check_alpha(1) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

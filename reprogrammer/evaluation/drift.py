@@ -7,6 +7,7 @@ feature of the same image; the report gives its mean per set. 1.0 means the feat
 import torch
 import torch.nn.functional as F
 
+from ..constants import RESIDUAL_ALPHA
 from ..methods.finetune import WiseFTClassifier
 from ..methods.linear import LinearHeadClassifier
 from ..model import Reprogrammer
@@ -32,7 +33,7 @@ def _feature_functions(classifier, wise_alpha: float, residual_alpha: float) -> 
 
 
 def feature_drift(classifier, reference_features: dict, sets: dict, options: EvalOptions, *,
-                  wise_alpha: float = 0.5, residual_alpha: float = 0.4) -> dict:
+                  wise_alpha: float = 0.5, residual_alpha: float = RESIDUAL_ALPHA) -> dict:
     """`{report name: {set: mean cosine to the frozen features, "mean": over the sets}}`.
 
     `reference_features` maps each set name to the frozen encoder's L2-normalised features of

@@ -1,8 +1,10 @@
 """Holistic evaluation (docs/method.md 5): ID accuracy, OOD generalisation, OOD detection, in one run.
 
 Each dataset is encoded once per model. For Reprogrammer the reprogrammed and the zero-shot
-image features are both kept, so every alpha of Residual Reprogrammer is a cheap blend of
-cached features (`kernels.residual_logits`), not another encoder pass.
+image features are both kept, so every alpha of Residual Reprogrammer is one pass of the fused
+`kernels.residual_scores` op over cached features (Triton on CUDA where the backend allows,
+its reference elsewhere), not another encoder pass. The OOD scores of every model come from
+their one definition, `kernels.ood_scores`, which that op computes too.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -12,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .. import kernels
-from ..constants import MCM_TEMPERATURE
+from ..constants import MCM_TEMPERATURE, RESIDUAL_ALPHA
 from ..data.images import base_dataset
 from ..data.loaders import eval_loader
 from ..data.suites import EvalSets
@@ -20,11 +22,7 @@ from ..model import Reprogrammer
 from ..runtime import autocast, to_device_images
 from . import metrics
 
-SCORES = {
-    "mcm": lambda logits, temperature: metrics.mcm_score(logits, temperature),
-    "energy": lambda logits, temperature: metrics.energy_score(logits, temperature),
-    "max_logit": lambda logits, temperature: metrics.max_logit_score(logits),
-}
+SCORES = ("mcm", "energy", "max_logit")
 
 
 @dataclass
@@ -71,8 +69,12 @@ def _score_temperature(classifier, options: EvalOptions) -> float:
     return classifier.score_temperature
 
 
-def summarise(logits: dict, labels: dict, sets: EvalSets, temperature: float, options: EvalOptions) -> dict:
-    """Metrics of one model from its logits on every set of the suite."""
+def _score_arrays(scores: kernels.ResidualScores) -> dict[str, np.ndarray]:
+    return {name: getattr(scores, name).cpu().numpy() for name in SCORES}
+
+
+def summarise(logits: dict, scores: dict, labels: dict, sets: EvalSets, options: EvalOptions) -> dict:
+    """Metrics of one model from its logits and OOD scores (`{score name: [N]}`) on every set."""
     test = logits["test"]
     top = metrics.topk_accuracy(test, labels["test"], k=(1, min(5, test.shape[1])))
     probs = torch.softmax(torch.as_tensor(test), -1).numpy()
@@ -88,9 +90,8 @@ def summarise(logits: dict, labels: dict, sets: EvalSets, temperature: float, op
             result["ood_generalization_subset"][name] = metrics.topk_accuracy(sub_logits, sub_labels, k=1)[1]
     if sets.covariate:
         result["ood_generalization_mean"] = float(np.mean(list(result["ood_generalization"].values())))
-    for score_name, score in SCORES.items():
-        id_scores = score(test, temperature)
-        per_set = {name: metrics.ood_metrics(id_scores, score(logits[name], temperature),
+    for score_name in SCORES:
+        per_set = {name: metrics.ood_metrics(scores["test"][score_name], scores[name][score_name],
                                              bootstrap=options.bootstrap)
                    for name in sets.semantic}
         target = result["ood_detection"] if score_name == "mcm" else result["ood_detection_by_score"][score_name]
@@ -109,11 +110,13 @@ def _all_sets(sets: EvalSets):
 def evaluate_classifier(classifier, sets: EvalSets, options: EvalOptions, name: str) -> dict:
     """Metrics of a classifier whose `forward(images)` gives logits."""
     classifier.eval()
-    logits, labels = {}, {}
+    temperature = _score_temperature(classifier, options)
+    logits, scores, labels = {}, {}, {}
     for set_name, dataset in _all_sets(sets):
-        (logits[set_name],), labels[set_name] = encode(dataset, classifier, options, name)
-        logits[set_name] = logits[set_name].numpy()
-    return summarise(logits, labels, sets, _score_temperature(classifier, options), options)
+        (set_logits,), labels[set_name] = encode(dataset, classifier, options, name)
+        scores[set_name] = _score_arrays(kernels.ood_scores(set_logits, temperature))
+        logits[set_name] = set_logits.numpy()
+    return summarise(logits, scores, labels, sets, options)
 
 
 @dataclass
@@ -131,6 +134,19 @@ class ReprogrammerFeatures:
                                               alpha=alpha, logit_scale=self.logit_scale).numpy()
                 for name in self.image_rp}
 
+    def scored(self, alpha: float, temperature: float, device: torch.device) -> tuple[dict, dict]:
+        """`(logits, OOD scores)` of every set at `alpha`, from one `residual_scores` pass per set
+        on `device`; the scores are of the cosines at `temperature`."""
+        text_rp, text_zs = self.text_rp.to(device), self.text_zs.to(device)
+        logits, scores = {}, {}
+        for name in self.image_rp:
+            result = kernels.residual_scores(self.image_rp[name].to(device), self.image_zs[name].to(device),
+                                             text_rp, text_zs, alpha=alpha, logit_scale=self.logit_scale,
+                                             temperature=temperature, return_logits=True)
+            logits[name] = result.logits.cpu().numpy()
+            scores[name] = _score_arrays(result)
+        return logits, scores
+
 
 @torch.no_grad()
 def reprogrammer_features(model: Reprogrammer, sets: EvalSets, options: EvalOptions) -> ReprogrammerFeatures:
@@ -147,10 +163,10 @@ def reprogrammer_features(model: Reprogrammer, sets: EvalSets, options: EvalOpti
 
 def alpha_sweep(features: ReprogrammerFeatures, sets: EvalSets, alphas, options: EvalOptions) -> list[dict]:
     """Residual Reprogrammer at each alpha, from the cached features (no encoder pass)."""
-    temperature = options.temperature * features.logit_scale
     rows = []
     for alpha in alphas:
-        result = summarise(features.logits(alpha), features.labels, sets, temperature, options)
+        logits, scores = features.scored(alpha, options.temperature, options.device)
+        result = summarise(logits, scores, features.labels, sets, options)
         rows.append({"alpha": float(alpha), **result})
     return rows
 
@@ -177,5 +193,5 @@ def dataset_line(name: str, result: dict) -> str:
 
 def pick_alpha(rows: list[dict], preferred: Optional[float]) -> dict:
     """The sweep row at `preferred` alpha (the configured one), else the closest."""
-    target = 0.4 if preferred is None else preferred
+    target = RESIDUAL_ALPHA if preferred is None else preferred
     return min(rows, key=lambda row: abs(row["alpha"] - target))

@@ -1,12 +1,16 @@
 """Classification accuracy, calibration, OOD scores and OOD-detection metrics (docs/method.md section 5).
 
-Everything here is plain numpy; torch tensors are accepted and converted. Conventions for OOD
+Everything here is plain numpy but the OOD scores, which are the kernels' one definition
+(`kernels.ood_scores`); torch tensors are accepted and converted. Conventions for OOD
 detection: in-distribution (ID) samples are the positives and a higher score means "more ID".
 All metrics are fractions in [0, 1].
 """
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
+
+from .. import kernels
 
 OOD_METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error")
 
@@ -108,6 +112,12 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
 
 
 # ----------------------------------------------------------------------------- OOD scores
+# Views of `kernels.ood_scores`, the one definition of each score (the fused residual op
+# computes the same), as numpy arrays: fp32, computed in torch.
+
+def _ood_scores(logits, temperature: float):
+    return kernels.ood_scores(torch.from_numpy(_logits_2d(logits)), temperature)
+
 
 def mcm_score(logits, temperature: float) -> np.ndarray:
     """Maximum softmax of `logits / temperature` (MCM; MSP when temperature = 1), shape [N].
@@ -115,9 +125,7 @@ def mcm_score(logits, temperature: float) -> np.ndarray:
     For CLIP-style models pass the cosine similarities (`logits / logit_scale`) with
     temperature 0.01, the authors' fixed setting; for linear-head logits use temperature 1.
     """
-    scaled = _logits_2d(logits) / temperature
-    # max softmax = 1 / sum_j exp(z_j - z_max): no overflow, exact at the maximum.
-    return 1.0 / np.exp(scaled - scaled.max(1, keepdims=True)).sum(1)
+    return _ood_scores(logits, temperature).mcm.numpy()
 
 
 def energy_score(logits, temperature: float) -> np.ndarray:
@@ -125,14 +133,12 @@ def energy_score(logits, temperature: float) -> np.ndarray:
 
     For CLIP-style models pass the cosine similarities (`logits / logit_scale`) with T = 0.01.
     """
-    scaled = _logits_2d(logits) / temperature
-    top = scaled.max(1)
-    return temperature * (top + np.log(np.exp(scaled - top[:, None]).sum(1)))
+    return _ood_scores(logits, temperature).energy.numpy()
 
 
 def max_logit_score(logits) -> np.ndarray:
     """Largest logit per sample, shape [N]."""
-    return _logits_2d(logits).max(1)
+    return _ood_scores(logits, 1.0).max_logit.numpy()
 
 
 # ----------------------------------------------------------------------------- OOD metrics

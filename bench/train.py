@@ -1,6 +1,7 @@
 """Training-step and evaluation throughput of Reprogrammer pipelines on one model, batch and data.
 
     python -m bench.train [--quick] [--model ViT-B-32] [--batch 256] [--sweep 64 128 512]
+                          [--classes 10 100 1000] [--classes-model ViT-B-32]
                           [--steps 10] [--warmup 3] [--out bench/results]
 
 Training step = forward + backward + optimiser step, for three pipelines:
@@ -18,8 +19,16 @@ Training step = forward + backward + optimiser step, for three pipelines:
   forward and backward from already-made patch tokens, the text tower's on the batch's unique
   prompts (same compilation as `ours`).
 
-Evaluation (images/s of Residual Reprogrammer at alpha 0.4, `RESIDUAL_ALPHA`, scoring one batch
-of an evaluation whose text features are already encoded, as every inference path encodes them once per
+Many classes (`--classes`, default 10 100 1000; at `--classes-batch`, on `--classes-model`, both
+defaulting to the main run on CUDA and to ViT-S-32-alt at batch 8 on the CPU, CLIP's 77-token context
+and a text tower a little smaller against the image tower than ViT-B/32's): `ours` and its loss on spread subsets of open_clip's ImageNet
+class names ("a photo of a {}" is 7 to 18 tokens), the text tower at the prompts' length, against
+`full-text`, the same model with the tower at the full context; all of them in one round robin of
+their own, each beside `text_ms`, the text tower's forward and backward on the batch's classes
+alone, and `text_share`, that time over the step's.
+
+Evaluation (images/s of Residual Reprogrammer at alpha 0.4, `RESIDUAL_ALPHA`, scoring one batch of an evaluation
+whose text features are already encoded, as every inference path encodes them once per
 evaluation): `naive-two-pass` runs the two image branches as two encoder passes (reprogrammed;
 zero-shot from the resized image) and blends in eager torch; `ours` is `Reprogrammer.forward`
 (one paired image pass, cached text features, the residual-logits op).
@@ -38,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import os
 import sys
@@ -69,7 +79,7 @@ from reprogrammer.constants import DEFAULT_TEMPLATE, RESIDUAL_ALPHA
 from reprogrammer.data import ArrayImageDataset
 from reprogrammer.data.loaders import ResidentLoader
 from reprogrammer.methods import MethodConfig
-from reprogrammer.methods.losses import contrastive_focal_loss
+from reprogrammer.methods.losses import batch_classes, contrastive_focal_loss
 from reprogrammer.methods.reprogramming import ReprogrammerClassifier
 from reprogrammer.runtime import autocast, to_device_images
 from reprogrammer.towers import encode_patch_tokens
@@ -78,8 +88,8 @@ from reprogrammer.training.telemetry import GpuTelemetry
 
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 ALPHA = RESIDUAL_ALPHA
-BASELINES = ("authors", "eager-amp", "lower-bound", "naive-two-pass")
-ROW_ORDER = ("authors", "eager-amp", "naive-two-pass", "ours", "lower-bound")
+BASELINES = ("authors", "eager-amp", "lower-bound", "naive-two-pass", "full-text")
+ROW_ORDER = ("authors", "eager-amp", "naive-two-pass", "full-text", "ours", "lower-bound")
 
 
 class AuthorsPipeline(nn.Module):
@@ -261,6 +271,82 @@ def pipelines(setup: Setup) -> dict:
     }
 
 
+def many_class_names(count: int) -> list[str]:
+    """`count` of open_clip's 1000 ImageNet class names, spread over the list (realistic lengths)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    if not 1 <= count <= len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"--classes {count}: choose 1 to {len(IMAGENET_CLASSNAMES)} classes")
+    picked = IMAGENET_CLASSNAMES[::len(IMAGENET_CLASSNAMES) // count][:count]
+    # The list names two pairs of classes alike ("missile", "sunglasses"): one prompt per class needs them apart.
+    return [f"{name} {i}" if name in picked[:i] else name for i, name in enumerate(picked)]
+
+
+def text_tower_step(model: ReprogrammerClassifier, device: torch.device, precision: str) -> Workload:
+    """The text tower's part of `model.loss`: forward and backward of the batch's classes' prompts."""
+    def make(images, labels):
+        classes, _ = batch_classes(labels, len(model.classnames))
+
+        def step():
+            model.token_rows.grad = model.text_positional.grad = None
+            with autocast(device, precision):
+                total = model.encode_text(classes).float().sum()
+            total.backward()
+        return step
+    return make
+
+
+def many_class_rows(setup: Setup, args, errors: list[str]) -> list[dict]:
+    """Rows of the many-class workloads at `--classes-batch`, timed in one round robin of their own:
+    per class count, `ours` and `full-text` (the text tower at the full context), each with the
+    text tower's time alone and its share of the step."""
+    if args.classes_model != setup.model:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random weights: speed does not depend on them
+            clip, tokenizer = load_clip(args.classes_model)
+        canvas = clip.visual.image_size[0]
+        setup = dataclasses.replace(setup, model=args.classes_model, clip=clip, tokenizer=tokenizer,
+                                    up_resolution=canvas, mr_resolution=(6 * canvas) // 7)
+    batch = args.classes_batch
+    images, _ = batch_data(batch, setup)
+    clip = setup.fresh_clip()  # frozen: shared by every model here
+    cfg = MethodConfig(up_resolution=setup.up_resolution, mr_resolution=setup.mr_resolution)
+    steps, lengths = {}, {}
+    for count in args.classes:
+        labels = torch.randint(0, count, (batch,), generator=torch.Generator().manual_seed(count))
+        labels = labels.to(setup.device)
+        for pipeline in ("full-text", "ours"):
+            model = ReprogrammerClassifier(clip, setup.tokenizer, many_class_names(count), cfg).train()
+            if pipeline == "full-text":
+                model.text_length = model.prompt_tokens.shape[1]
+            lengths[count, pipeline] = model.text_length
+            task = f"train {count} classes"
+            step = train_step(model.loss, reprogrammer_optimizers(model), setup.device, setup.precision)
+            steps[task, pipeline] = ("auto", step(images, labels))
+            steps[f"text {count} classes", pipeline] = (
+                "auto", text_tower_step(model, setup.device, setup.precision)(images, labels))
+    if setup.compile:
+        for tower in model.frozen_towers():
+            tower.compile()
+    timings = measure_round_robin(steps, args.steps, args.warmup, setup.device, errors, batch)
+    rows = []
+    for count in args.classes:
+        for pipeline in ("full-text", "ours"):
+            step, text = timings.get((f"train {count} classes", pipeline)), timings.get((f"text {count} classes", pipeline))
+            if step is None:
+                continue
+            rows.append({"task": f"train {count} classes", "pipeline": pipeline, "batch": batch, **step,
+                         "images_per_s": batch / (step["step_ms"] * 1e-3), "precision": setup.precision,
+                         "compiled": setup.compile, "model": setup.model, "classes": count,
+                         "text_length": lengths[count, pipeline],
+                         "text_ms": None if text is None else text["step_ms"],
+                         "text_share": None if text is None else text["step_ms"] / step["step_ms"]})
+            print(f"{rows[-1]['task']:18} {pipeline:10} L={rows[-1]['text_length']:<3} {step['step_ms']:10.2f} ms "
+                  f"text {rows[-1]['text_ms'] or float('nan'):9.2f} ms ({rows[-1]['text_share'] or float('nan'):.0%})",
+                  flush=True)
+    return rows
+
+
 def measure_round_robin(steps: dict, n_steps: int, warmup: int, device: torch.device,
                         errors: list[str], batch: int) -> dict:
     """`{key: timing}` of `steps` (`key: (backend, fn)`), timed one step of each in turn, in rotating
@@ -375,7 +461,8 @@ def run(args) -> int:
              "up_resolution": setup.up_resolution, "mr_resolution": setup.mr_resolution,
              "precision": precision, "compiled_towers": compile_towers, "alpha": ALPHA,
              "classes": len(CLASSNAMES), "steps": args.steps, "warmup": args.warmup, "main_batch": args.batch,
-             "cpu_count": os.cpu_count(), "errors": []}
+             "cpu_count": os.cpu_count(), "errors": [], "many_classes": args.classes,
+             "classes_model": args.classes_model, "classes_batch": args.classes_batch}
     if hasattr(os, "getloadavg"):
         extra["load_avg_start"] = os.getloadavg()
     rows: list[dict] = []
@@ -385,6 +472,11 @@ def run(args) -> int:
             extra["telemetry"] = telemetry.summary()
             if hasattr(os, "getloadavg"):
                 extra["load_avg_end"] = os.getloadavg()
+            if rows:
+                paths = write(rows, env, extra, args.out)
+        if args.classes:
+            rows += many_class_rows(setup, args, extra["errors"])
+            extra["telemetry"] = telemetry.summary()
             if rows:
                 paths = write(rows, env, extra, args.out)
     if not rows:
@@ -439,7 +531,7 @@ def _record(errors: list[str], what: str, err: Exception) -> None:
 
 def finish(rows: list[dict]) -> list[dict]:
     """Rows with their ratio columns, training first, then by batch and pipeline."""
-    rows = sorted(rows, key=lambda r: (r["task"] != "train", r["batch"], ROW_ORDER.index(r["pipeline"])))
+    rows = sorted(rows, key=lambda r: (r["task"] != "train", r["batch"], r["task"], ROW_ORDER.index(r["pipeline"])))
     return add_speedups(rows, ("task", "batch"), BASELINES, provider_key="pipeline", time_key="step_ms")
 
 
@@ -453,7 +545,7 @@ def write(rows, env, extra, out) -> tuple[Path, Path, Path]:
 
 def short_table(rows: list[dict], batch: int) -> str:
     keys = ("task", "pipeline", "batch", "images_per_s", "step_ms", "peak_mem_mib", "loader_images_per_s",
-            "input_bound", *(f"speedup_vs_{b}" for b in BASELINES))
+            "input_bound", "text_share", *(f"speedup_vs_{b}" for b in BASELINES))
     return markdown_table([{k: row.get(k) for k in keys} for row in rows if row["batch"] == batch])
 
 
@@ -478,24 +570,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="compile ours' frozen towers (auto: on CUDA only)")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; --quick: 1)")
+    parser.add_argument("--classes", type=int, nargs="*", help="class counts of the many-class rows, at the "
+                        "main batch (default 10 100 1000; quick 10 100; none: --classes alone)")
+    parser.add_argument("--classes-model", help="open_clip ViT architecture of the many-class rows, random "
+                        "weights (default: --model on CUDA, ViT-S-32-alt on the CPU; quick RP-ViT-Tiny)")
+    parser.add_argument("--classes-batch", type=int, help="batch of the many-class rows (default: --batch on "
+                        "CUDA, 8 on the CPU)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"),
                         help="folder for the JSON, markdown and plot (default bench/results)")
     args = parser.parse_args(argv)
     if args.quick:
         defaults = dict(model="RP-ViT-Tiny", batch=8, sweep=[4], steps=2, warmup=0, image_resolution=16,
-                        threads=1)
+                        threads=1, classes=[10, 100], classes_model="RP-ViT-Tiny", classes_batch=8)
     elif cuda:
         defaults = dict(model="ViT-B-32", batch=256, sweep=[64, 128, 512], steps=10, warmup=3,
-                        image_resolution=32)
+                        image_resolution=32, classes_model=args.model or "ViT-B-32", classes_batch=args.batch or 256)
     else:
         defaults = dict(model="RP-ViT-Small", batch=32, sweep=[8, 16, 64], steps=5, warmup=1,
-                        image_resolution=32)
+                        image_resolution=32, classes_model="ViT-S-32-alt", classes_batch=8)
+    defaults = {"classes": [10, 100, 1000], **defaults}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    sizes = [args.batch, *args.sweep, args.steps, args.image_resolution, args.threads or 1]
+    sizes = [args.batch, args.classes_batch, *args.sweep, args.steps, args.image_resolution, args.threads or 1]
     if min(sizes) < 1 or args.warmup < 0:
         parser.error("batch sizes, steps, resolution and threads must be positive and warmup >= 0")
+    if not all(1 <= count <= 1000 for count in args.classes):
+        parser.error(f"--classes {args.classes}: each count must lie in 1..1000 (ImageNet's class names)")
     return args
 
 

@@ -4,7 +4,9 @@ Image side: a learned `[3, S, S]` delta becomes the border perturbation around t
 image; `kernels.reprogram_patch_embed` turns source images straight into patch tokens, and the
 frozen ViT (class token, `ln_pre`, transformer, pooling, projection) follows.
 Text side: the prompts' token-embedding rows and the positional embedding are trainable copies
-of the pretrained values; everything else of the text tower is frozen.
+of the pretrained values; everything else of the text tower is frozen. The tower runs on the
+prompts cut to `text_length` (the longest prompt, rounded up to 8; `towers.text_length`): the
+positions after it cannot change a feature of a causal tower pooled at the EOT token.
 
 Inference caches the text features: `text_features()` re-runs the text tower only when a tensor
 it reads has changed (see there), so `model(images)` costs the image tower alone.
@@ -21,14 +23,16 @@ from .clip import image_normalisation
 from .constants import DEFAULT_TEMPLATE
 from .state import load_checked
 from .text_cache import TextFeatureCache, text_tower_tensors
-from .towers import check_pixel_range, encode_patch_tokens, encode_text_embeddings, text_tower, vision_tower
+from .towers import (check_pixel_range, encode_patch_tokens, encode_text_embeddings, text_length, text_tower,
+                     vision_tower)
 
 
 class Reprogrammer(nn.Module):
     """Reprogrammed CLIP classifier over `classnames`; `alpha > 0` gives Residual Reprogrammer.
 
     `image=False` or `text=False` freezes that side at its zero-shot behaviour (the paper's
-    text-only and image-only ablations).
+    text-only and image-only ablations). `text_length` is the sequence length the text tower runs
+    at; any value from it up to the context length gives the same features.
     """
 
     def __init__(self, clip, tokenizer, classnames: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
@@ -78,6 +82,7 @@ class Reprogrammer(nn.Module):
         self.register_buffer("prompt_tokens", prompts)
         self.register_buffer("token_ids", token_ids)
         self.register_buffer("prompt_index", prompt_index)
+        self.text_length = text_length(clip, prompts)
         self.token_rows = nn.Parameter(text_module.token_embedding.weight[token_ids].detach().clone())
         self.text_positional = nn.Parameter(text_module.positional_embedding.detach().clone())
         with torch.no_grad():
@@ -152,8 +157,11 @@ class Reprogrammer(nn.Module):
 
     # ---- text side --------------------------------------------------------------------------
     def _text_features(self, rows: torch.Tensor, positional: torch.Tensor, classes) -> torch.Tensor:
-        return encode_text_embeddings(self.clip, rows[self.prompt_index[classes]], self.prompt_tokens[classes],
-                                      positional)
+        # The length of all prompts, not of `classes`' own: theirs would need the indices on the host
+        # (a device sync per training step) and rarely gives a shorter multiple of 8.
+        length = self.text_length
+        return encode_text_embeddings(self.clip, rows[self.prompt_index[classes, :length]],
+                                      self.prompt_tokens[classes, :length], positional)
 
     def encode_text(self, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L2-normalised reprogrammed text features of `classes` (all classes by default)."""

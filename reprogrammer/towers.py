@@ -24,17 +24,50 @@ def vision_tower(clip) -> VisionTransformer:
     return visual
 
 
-def text_tower(clip):
-    """`(module holding the text embeddings, pool type, eos id)`: the CLIP itself, or its `.text`."""
+def _text_transformer(clip):
+    """`(module holding the text embeddings, pool type, eos id)`, or None for other text towers."""
     if isinstance(clip, CLIP):
         return clip, clip.text_pool_type, getattr(clip, "text_eos_id", None)
     if isinstance(clip, CustomTextCLIP) and isinstance(clip.text, TextTransformer):
         if clip.text.cls_emb is None and not clip.text.use_pad_mask:
             return clip.text, clip.text.pool_type, clip.text.eos_id
-    raise TypeError(
-        f"Reprogrammer supports CLIP text towers (open_clip CLIP, or a TextTransformer without a class "
-        f"token or pad mask); got {type(clip).__name__}"
-    )
+    return None
+
+
+def text_tower(clip):
+    """`(module holding the text embeddings, pool type, eos id)`: the CLIP itself, or its `.text`."""
+    tower = _text_transformer(clip)
+    if tower is None:
+        raise TypeError(
+            f"Reprogrammer supports CLIP text towers (open_clip CLIP, or a TextTransformer without a class "
+            f"token or pad mask); got {type(clip).__name__}"
+        )
+    return tower
+
+
+#: Cut sequence lengths are whole multiples of this (full tensor-core tiles on an accelerator).
+TEXT_LENGTH_MULTIPLE = 8
+
+
+def text_length(clip, tokens: torch.Tensor) -> int:
+    """The sequence length the text tower needs for the features of the prompts `tokens` `[N, L]`.
+
+    The tower is causal and pools one position (the EOT token), so no state after the pooled
+    position of the longest prompt can reach any feature: that position + 1, rounded up to a
+    multiple of `TEXT_LENGTH_MULTIPLE`, at most `L`. `L` itself when every position can count
+    (no causal mask, or pooling at the last position). Reads `tokens` on the host: call it once
+    per prompt set, never per step.
+    """
+    text, pool_type, eos_id = text_tower(clip)
+    full = tokens.shape[1]
+    if not isinstance(text.attn_mask, torch.Tensor) or pool_type not in ("argmax", "eos", "first"):
+        return full
+    if pool_type == "first":
+        needed = 1
+    else:  # the index text_global_pool reads
+        pooled = tokens.argmax(-1) if pool_type == "argmax" else (tokens == eos_id).int().argmax(-1)
+        needed = int(pooled.max()) + 1
+    return min(full, -(-needed // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE)
 
 
 def encode_patch_tokens(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -51,20 +84,40 @@ def encode_text_embeddings(clip, embeddings: torch.Tensor, tokens: torch.Tensor,
                            positional: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Unnormalised text features of prompts given as token embeddings `[N, L, width]`.
 
-    `tokens` `[N, L]` are the prompts' ids, used only for pooling (the EOT position), so the
-    embeddings may differ from the token table's rows (learned rows, prompt contexts).
-    `positional` replaces the tower's positional embedding when given.
+    The tower runs at the length `L` it is given, with the first `L` rows of the positional
+    embedding and of the causal mask: pass the prompts cut to `text_length` (or longer), so that
+    every prompt's pooled position lies inside. `tokens` `[N, L]` are the prompts' ids, used only
+    for pooling (the EOT position), so the embeddings may differ from the token table's rows
+    (learned rows, prompt contexts). `positional` replaces the tower's positional embedding when
+    given; the rows past `L` get no gradient, as no feature depends on them.
     """
     text, pool_type, eos_id = text_tower(clip)
     cast_dtype = text.transformer.get_cast_dtype()
     positional = text.positional_embedding if positional is None else positional
-    x = embeddings.to(cast_dtype) + positional.to(cast_dtype)
-    x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask))
+    length = embeddings.shape[1]
+    if tokens.shape != embeddings.shape[:2] or length > positional.shape[0]:
+        raise ValueError(f"prompt embeddings {tuple(embeddings.shape)} need token ids [N, L] = "
+                         f"{tuple(embeddings.shape[:2])} (got {tuple(tokens.shape)}) and L <= the "
+                         f"{positional.shape[0]} positional rows; cut both to the same length")
+    x = embeddings.to(cast_dtype) + positional[:length].to(cast_dtype)
+    mask = text.attn_mask[:length, :length] if isinstance(text.attn_mask, torch.Tensor) else text.attn_mask
+    x = text.ln_final(text.transformer(x, attn_mask=mask))
     x = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
     projection = text.text_projection
     if isinstance(projection, nn.Linear):
         return projection(x)
     return x @ projection if projection is not None else x
+
+
+def encode_tokens(clip, tokens: torch.Tensor) -> torch.Tensor:
+    """Unnormalised text features of the prompts `tokens` `[N, L]`, as `clip.encode_text`, with a CLIP
+    text transformer run at `text_length`; other text towers (e.g. Hugging Face) run as open_clip runs them.
+    Reads `tokens` on the host (see `text_length`)."""
+    tower = _text_transformer(clip)
+    if tower is None:
+        return clip.encode_text(tokens)
+    tokens = tokens[:, :text_length(clip, tokens)]
+    return encode_text_embeddings(clip, tower[0].token_embedding(tokens), tokens)
 
 
 def check_pixel_range(images: torch.Tensor) -> None:

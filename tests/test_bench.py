@@ -125,7 +125,8 @@ def test_train_quick_has_every_pipeline_and_ratio(tmp_path):
     assert {(r["task"], r["pipeline"], r["batch"]) for r in rows} == {
         (task, pipeline, batch) for batch in (4, 8)
         for task, pipeline in [("train", "authors"), ("train", "eager-amp"), ("train", "ours"),
-                               ("train", "lower-bound"), ("eval", "naive-two-pass"), ("eval", "ours")]}
+                               ("train", "lower-bound"), ("eval", "naive-two-pass"), ("eval", "ours")]} | {
+        (f"train {count} classes", pipeline, 8) for count in (10, 100) for pipeline in ("ours", "full-text")}
     by = _by_key(rows, "task", "pipeline", "batch")
     for row in rows:
         assert row["images_per_s"] == pytest.approx(row["batch"] / row["step_ms"] * 1e3)
@@ -137,6 +138,13 @@ def test_train_quick_has_every_pipeline_and_ratio(tmp_path):
         by["eval", "naive-two-pass", 8]["step_ms"] / by["eval", "ours", 8]["step_ms"])
     assert ours["speedup_vs_naive-two-pass"] is None
     assert len(list(tmp_path.glob("train-*.png"))) == 1
+    context = 16  # RP-ViT-Tiny's
+    for count in (10, 100):
+        cut, full = by[f"train {count} classes", "ours", 8], by[f"train {count} classes", "full-text", 8]
+        assert full["text_length"] == context and cut["text_length"] <= context and cut["classes"] == count
+        assert cut["speedup_vs_full-text"] == pytest.approx(full["step_ms"] / cut["step_ms"])
+        for row in (cut, full):
+            assert row["text_share"] == pytest.approx(row["text_ms"] / row["step_ms"])
     for row in rows:
         if row["task"] == "train":
             assert row["loader_images_per_s"] > 0

@@ -3,8 +3,11 @@
 The prompt of class `c` is `[SOS] ctx_1 .. ctx_n classname . [EOS]`: the tokenizer encodes
 `"X X .. X classname."` and the embeddings of the `n` placeholder X tokens are replaced by the
 learned context vectors. Pooling reads the prompt's own token ids, so the EOT position is the
-one the tokenizer gave.
+one the tokenizer gave. The text tower runs on the prompts cut to `text_length` (the longest
+prompt, context included, rounded up to 8; `towers.text_length`).
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,7 +17,7 @@ from ..config import MethodConfig
 from ..constants import MCM_TEMPERATURE
 from ..state import load_checked
 from ..text_cache import TextFeatureCache, text_tower_tensors
-from ..towers import encode_text_embeddings, text_tower
+from ..towers import encode_text_embeddings, text_length, text_tower
 from .base import Classifier
 from .features import ImageTower
 from .linear import or_default
@@ -63,6 +66,7 @@ class CoOpClassifier(Classifier):
         tokens, self.context_start = context_prompts(tokenizer, self.classnames, cfg.n_ctx)
         tokens = tokens.to(table.device)
         self.register_buffer("prompt_tokens", tokens)
+        self.text_length = text_length(clip, tokens)
         self.register_buffer("prompt_embeddings", text.token_embedding(tokens).detach())
         self.context = nn.Parameter(torch.empty(cfg.n_ctx, table.shape[1], device=table.device,
                                                 dtype=table.dtype).normal_(std=0.02))
@@ -78,16 +82,19 @@ class CoOpClassifier(Classifier):
         self.clip.eval()
         return self
 
-    def prompt_embeddings_with_context(self) -> torch.Tensor:
-        """Token embeddings `[C, L, width]` of the prompts with the placeholders replaced by the context."""
+    def prompt_embeddings_with_context(self, length: Optional[int] = None) -> torch.Tensor:
+        """Token embeddings `[C, L, width]` of the prompts with the placeholders replaced by the context,
+        at the first `length` positions (all by default)."""
         start, end = self.context_start, self.context_start + self.context.shape[0]
-        prompts = self.prompt_embeddings
+        prompts = self.prompt_embeddings[:, :length]
         context = self.context.expand(prompts.shape[0], -1, -1)
         return torch.cat([prompts[:, :start], context, prompts[:, end:]], dim=1)
 
     def encode_text(self) -> torch.Tensor:
         """L2-normalised text features `[C, D]` of all class prompts."""
-        features = encode_text_embeddings(self.clip, self.prompt_embeddings_with_context(), self.prompt_tokens)
+        length = self.text_length
+        features = encode_text_embeddings(self.clip, self.prompt_embeddings_with_context(length),
+                                          self.prompt_tokens[:, :length])
         return F.normalize(features, dim=-1)
 
     def text_features(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..classnames import checked_classnames
 from ..clip import image_normalisation
-from ..towers import check_pixel_range
+from ..towers import check_pixel_range, encode_tokens
 
 
 def canvas_size(visual: nn.Module) -> int:
@@ -65,10 +65,11 @@ class ImageTower(nn.Module):
 
 @torch.no_grad()
 def zero_shot_text_features(clip, tokenizer, classnames: Sequence[str], template: str) -> torch.Tensor:
-    """L2-normalised text features `[C, D]` of one prompt per class, from the frozen text tower."""
+    """L2-normalised text features `[C, D]` of one prompt per class, from the frozen text tower
+    (run at the longest prompt's length, `towers.encode_tokens`)."""
     classnames = checked_classnames(classnames)
     if "{}" not in template:
         raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
     device = clip.logit_scale.device
     tokens = tokenizer([template.format(c) for c in classnames]).to(device)
-    return F.normalize(clip.encode_text(tokens), dim=-1)
+    return F.normalize(encode_tokens(clip, tokens), dim=-1)

@@ -1,4 +1,6 @@
 """The paper's loss (docs/method.md section 3): a two-direction contrastive focal loss."""
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,6 +32,24 @@ def contrastive_focal_loss(image_features: torch.Tensor, class_text_features: to
     image_logits = logit_scale * image_features @ texts.T
     target = torch.arange(image_logits.shape[0], device=image_logits.device)
     return 0.5 * (focal_loss(image_logits, target, **focal) + focal_loss(image_logits.T, target, **focal))
+
+
+def batch_classes(labels: torch.Tensor, num_classes: int, *, padded: Optional[bool] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(classes, class_of_image)`: the classes present in `labels`, ascending, and each label's row
+    in them (`classes[class_of_image] == labels`), as `torch.unique(labels, return_inverse=True)`.
+
+    How many classes a batch holds is data, and a tensor shaped by it needs that count on the host:
+    on an accelerator a sync per step that drains the queue of launched work, and a new text-tower
+    shape per step (a recompile, no CUDA graph). `padded` (the default off the CPU) keeps the shape
+    fixed at `min(N, num_classes)` instead, filling the rows after the present classes with absent
+    ones, which the loss never reads (zero gradient); on the CPU the count costs nothing.
+    """
+    padded = labels.device.type != "cpu" if padded is None else padded
+    present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+    size = min(len(labels), num_classes) if padded else int(present.sum())
+    classes = torch.argsort((~present).to(torch.uint8), stable=True)[:size]  # present ones first
+    return classes, present.cumsum(0)[labels] - 1
 
 
 def gather_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from ..constants import MCM_TEMPERATURE
 from ..model import Reprogrammer
 from ..towers import text_tower
 from .base import Classifier
-from .losses import contrastive_focal_loss, gather_batch
+from .losses import batch_classes, contrastive_focal_loss, gather_batch
 from .optim import reprogrammer_optimizers, scheduled
 
 
@@ -35,7 +35,7 @@ class ReprogrammerClassifier(Reprogrammer, Classifier):
         else:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)
         image_features, labels = gather_batch(image_features, labels)
-        classes, class_of_image = torch.unique(labels, return_inverse=True)
+        classes, class_of_image = batch_classes(labels, len(self.classnames))
         text_features = self.encode_text(classes)
         if self.alpha > 0:
             text_features = kernels.blend(text_features, self.zs_text_features[classes], self.alpha)

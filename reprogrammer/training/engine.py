@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .. import doctor
 from ..config import Config, ConfigError, to_dict
 from ..data.images import base_dataset, first_image_size
 from ..data.loaders import eval_loader, make_loader
@@ -146,6 +147,8 @@ class Trainer:
             raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by world size "
                               f"{info.world_size} x train.grad_accum={tcfg.grad_accum}")
         self.micro_batch = tcfg.batch_size // (info.world_size * tcfg.grad_accum)
+        # On CUDA: never train on a kernel that disagrees with its reference (seconds, once a process).
+        doctor.check_kernels_once(self.device, tcfg.precision)
         torch.manual_seed(tcfg.seed)
         clip, tokenizer = clip
         self.classifier = build_method(clip, tokenizer, self.data.classnames, self.cfg.method).to(self.device)
